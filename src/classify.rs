@@ -1,0 +1,428 @@
+//! Classifies a request head by method and path: one of GitHub's four legacy OAuth
+//! Applications operations (token in the path), a call to the replacement token API, or
+//! pass-through. Pure: no I/O, clock or logging, and it borrows from the path (it allocates only
+//! when a segment holds percent-escapes).
+//!
+//! Source: GitHub REST "OAuth Applications" (GHES 2.20 to 3.1 carry both forms; the legacy form
+//! was removed from api.github.com on 2021-05-05). `GET .../grants/{access_token}` never existed.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use http::Method;
+use percent_encoding::percent_decode_str;
+
+/// The GitHub Enterprise Server API prefix that may stand before `/applications`; kept as is.
+pub const ENTERPRISE_PREFIX: &str = "/api/v3";
+
+/// An OAuth Applications token operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Check a token: legacy `GET .../tokens/{t}`, new `POST .../token` (GitHub REST: Check a token).
+    Check,
+    /// Reset a token: legacy `POST .../tokens/{t}`, new `PATCH .../token` (GitHub REST: Reset a token).
+    Reset,
+    /// Revoke one token: legacy `DELETE .../tokens/{t}`, new `DELETE .../token`
+    /// (GitHub REST: Delete an app token).
+    RevokeToken,
+    /// Revoke the grant (all the user's tokens for the app): legacy `DELETE .../grants/{t}`, new
+    /// `DELETE .../grant` (GitHub REST: Delete an app authorization).
+    RevokeGrant,
+    /// Create a scoped token: `POST .../token/scoped`, new form only
+    /// (GitHub REST: Create a scoped access token). Never a legacy operation.
+    ScopeToken,
+}
+
+impl Operation {
+    /// The operation's name as used in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Check => "check",
+            Operation::Reset => "reset",
+            Operation::RevokeToken => "revoke_token",
+            Operation::RevokeGrant => "revoke_grant",
+            Operation::ScopeToken => "scope_token",
+        }
+    }
+
+    /// Method and last path segment(s) of the replacement endpoint, after `/applications/{client_id}/`.
+    pub fn replacement(self) -> (Method, &'static str) {
+        match self {
+            Operation::Check => (Method::POST, "token"),
+            Operation::Reset => (Method::PATCH, "token"),
+            Operation::RevokeToken => (Method::DELETE, "token"),
+            Operation::RevokeGrant => (Method::DELETE, "grant"),
+            Operation::ScopeToken => (Method::POST, "token/scoped"),
+        }
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A legacy call, with the token taken out of its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyCall<'a> {
+    /// Which of the four legacy operations.
+    pub operation: Operation,
+    /// `""` or [`ENTERPRISE_PREFIX`], as the client sent it.
+    pub prefix: &'a str,
+    /// The client_id path segment exactly as sent (still percent-encoded), for the new path.
+    pub client_id_segment: &'a str,
+    /// The client_id, percent-decoded.
+    pub client_id: Cow<'a, str>,
+    /// The OAuth access token, percent-decoded. Secret: never log or label it.
+    pub access_token: Cow<'a, str>,
+}
+
+/// What a request is, judged from its method and path alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// One of the four deprecated token-in-path operations: to be rewritten.
+    Legacy(LegacyCall<'a>),
+    /// A call to the replacement token API (token in the body); forwarded unchanged.
+    TokenApi {
+        /// Which operation.
+        operation: Operation,
+        /// The client_id, percent-decoded.
+        client_id: Cow<'a, str>,
+    },
+    /// Anything else; forwarded unchanged.
+    PassThrough,
+}
+
+impl Route<'_> {
+    /// The client_id of a legacy or token-API call.
+    pub fn client_id(&self) -> Option<&str> {
+        match self {
+            Route::Legacy(call) => Some(&call.client_id),
+            Route::TokenApi { client_id, .. } => Some(client_id),
+            Route::PassThrough => None,
+        }
+    }
+
+    /// The operation of a legacy or token-API call.
+    pub fn operation(&self) -> Option<Operation> {
+        match self {
+            Route::Legacy(call) => Some(call.operation),
+            Route::TokenApi { operation, .. } => Some(*operation),
+            Route::PassThrough => None,
+        }
+    }
+}
+
+/// Why a path of legacy shape cannot be served. Never carries the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed legacy {operation} call: {problem}")]
+pub struct ClassifyError {
+    /// The legacy operation the method and path shape name.
+    pub operation: Operation,
+    /// What is wrong with the path.
+    pub problem: Malformed,
+}
+
+/// What is wrong with a legacy-shaped path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// `/applications/{client_id}/tokens/` with nothing after the last slash.
+    #[error("the access_token path segment is empty")]
+    EmptyToken,
+    /// The access_token segment decodes to bytes that are not UTF-8.
+    #[error("the access_token path segment is not valid UTF-8 after percent-decoding")]
+    TokenNotUtf8,
+    /// `/applications//tokens/...`.
+    #[error("the client_id path segment is empty")]
+    EmptyClientId,
+    /// The client_id segment decodes to bytes that are not UTF-8.
+    #[error("the client_id path segment is not valid UTF-8 after percent-decoding")]
+    ClientIdNotUtf8,
+    /// The segments do not form a valid path again once rewritten (not expected: they come
+    /// from a request URI that parsed).
+    #[error("the path cannot be rewritten into the replacement form")]
+    Unrewritable,
+}
+
+/// Classifies a request by its method and path (the path without the query string).
+///
+/// Only an exact match is legacy: `/applications/{client_id}/tokens/{access_token}` with GET,
+/// POST or DELETE, and `/applications/{client_id}/grants/{access_token}` with DELETE, optionally
+/// behind `/api/v3`. Extra segments, a trailing slash or another method pass through.
+///
+/// # Errors
+/// A legacy-shaped path whose client_id or token segment is empty or not UTF-8 after
+/// percent-decoding (the caller answers 400).
+pub fn classify<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, ClassifyError> {
+    let (prefix, rest) = match path.strip_prefix(ENTERPRISE_PREFIX) {
+        Some(rest) if rest.starts_with('/') => (ENTERPRISE_PREFIX, rest),
+        _ => ("", path),
+    };
+    let Some(rest) = rest.strip_prefix("/applications/") else {
+        return Ok(Route::PassThrough);
+    };
+    let mut segments = rest.split('/');
+    let (Some(client_id_segment), Some(kind)) = (segments.next(), segments.next()) else {
+        return Ok(Route::PassThrough);
+    };
+    let (third, fourth) = (segments.next(), segments.next());
+    if segments.next().is_some() {
+        return Ok(Route::PassThrough);
+    }
+
+    let legacy = match (method, kind, third, fourth) {
+        (&Method::GET, "tokens", Some(t), None) => Some((Operation::Check, t)),
+        (&Method::POST, "tokens", Some(t), None) => Some((Operation::Reset, t)),
+        (&Method::DELETE, "tokens", Some(t), None) => Some((Operation::RevokeToken, t)),
+        (&Method::DELETE, "grants", Some(t), None) => Some((Operation::RevokeGrant, t)),
+        _ => None,
+    };
+    if let Some((operation, token_segment)) = legacy {
+        let fail = |problem| ClassifyError { operation, problem };
+        if client_id_segment.is_empty() {
+            return Err(fail(Malformed::EmptyClientId));
+        }
+        let client_id = decode(client_id_segment).ok_or(fail(Malformed::ClientIdNotUtf8))?;
+        let access_token = decode(token_segment).ok_or(fail(Malformed::TokenNotUtf8))?;
+        if access_token.is_empty() {
+            return Err(fail(Malformed::EmptyToken));
+        }
+        return Ok(Route::Legacy(LegacyCall {
+            operation,
+            prefix,
+            client_id_segment,
+            client_id,
+            access_token,
+        }));
+    }
+
+    let token_api = match (method, kind, third, fourth) {
+        (&Method::POST, "token", None, None) => Some(Operation::Check),
+        (&Method::PATCH, "token", None, None) => Some(Operation::Reset),
+        (&Method::DELETE, "token", None, None) => Some(Operation::RevokeToken),
+        (&Method::DELETE, "grant", None, None) => Some(Operation::RevokeGrant),
+        (&Method::POST, "token", Some("scoped"), None) => Some(Operation::ScopeToken),
+        _ => None,
+    };
+    match (token_api, decode(client_id_segment)) {
+        (Some(operation), Some(client_id)) if !client_id.is_empty() => Ok(Route::TokenApi {
+            operation,
+            client_id,
+        }),
+        _ => Ok(Route::PassThrough),
+    }
+}
+
+/// Percent-decodes one path segment; `None` when the bytes are not UTF-8.
+fn decode(segment: &str) -> Option<Cow<'_, str>> {
+    percent_decode_str(segment).decode_utf8().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a case should classify as, in a form that is easy to write in a table.
+    #[derive(Debug, PartialEq)]
+    enum Want {
+        Legacy(Operation, &'static str, &'static str, &'static str),
+        TokenApi(Operation, &'static str),
+        Pass,
+        Bad(Operation, Malformed),
+    }
+
+    fn run(method: &str, path: &str) -> Want {
+        let method: Method = method.parse().unwrap();
+        match classify(&method, path) {
+            Ok(Route::Legacy(c)) => Want::Legacy(
+                c.operation,
+                c.prefix.to_owned().leak(),
+                c.client_id.into_owned().leak(),
+                c.access_token.into_owned().leak(),
+            ),
+            Ok(Route::TokenApi {
+                operation,
+                client_id,
+            }) => Want::TokenApi(operation, client_id.into_owned().leak()),
+            Ok(Route::PassThrough) => Want::Pass,
+            Err(e) => Want::Bad(e.operation, e.problem),
+        }
+    }
+
+    #[test]
+    fn table() {
+        use Malformed::*;
+        use Operation::*;
+        use Want::*;
+        let cases: &[(&str, &str, Want)] = &[
+            // The four legacy operations, with and without the Enterprise prefix.
+            (
+                "GET",
+                "/applications/abc/tokens/t1",
+                Legacy(Check, "", "abc", "t1"),
+            ),
+            (
+                "POST",
+                "/applications/abc/tokens/t1",
+                Legacy(Reset, "", "abc", "t1"),
+            ),
+            (
+                "DELETE",
+                "/applications/abc/tokens/t1",
+                Legacy(RevokeToken, "", "abc", "t1"),
+            ),
+            (
+                "DELETE",
+                "/applications/abc/grants/t1",
+                Legacy(RevokeGrant, "", "abc", "t1"),
+            ),
+            (
+                "GET",
+                "/api/v3/applications/abc/tokens/t1",
+                Legacy(Check, "/api/v3", "abc", "t1"),
+            ),
+            (
+                "POST",
+                "/api/v3/applications/abc/tokens/t1",
+                Legacy(Reset, "/api/v3", "abc", "t1"),
+            ),
+            (
+                "DELETE",
+                "/api/v3/applications/abc/tokens/t1",
+                Legacy(RevokeToken, "/api/v3", "abc", "t1"),
+            ),
+            (
+                "DELETE",
+                "/api/v3/applications/abc/grants/t1",
+                Legacy(RevokeGrant, "/api/v3", "abc", "t1"),
+            ),
+            // Percent-decoding of both segments.
+            (
+                "GET",
+                "/applications/a%2Eb/tokens/x%2Fy%20z",
+                Legacy(Check, "", "a.b", "x/y z"),
+            ),
+            (
+                "GET",
+                "/applications/abc/tokens/%E2%9C%93",
+                Legacy(Check, "", "abc", "\u{2713}"),
+            ),
+            (
+                "GET",
+                "/applications/abc/tokens/a+b",
+                Legacy(Check, "", "abc", "a+b"),
+            ),
+            // Malformed legacy paths.
+            ("GET", "/applications/abc/tokens/", Bad(Check, EmptyToken)),
+            (
+                "DELETE",
+                "/applications/abc/grants/",
+                Bad(RevokeGrant, EmptyToken),
+            ),
+            (
+                "GET",
+                "/applications/abc/tokens/%FF",
+                Bad(Check, TokenNotUtf8),
+            ),
+            (
+                "DELETE",
+                "/applications/abc/tokens/%C3",
+                Bad(RevokeToken, TokenNotUtf8),
+            ),
+            ("GET", "/applications//tokens/t1", Bad(Check, EmptyClientId)),
+            (
+                "POST",
+                "/applications/%FE/tokens/t1",
+                Bad(Reset, ClientIdNotUtf8),
+            ),
+            // Not an exact match: pass through.
+            ("GET", "/applications/abc/grants/t1", Pass),
+            ("POST", "/applications/abc/grants/t1", Pass),
+            ("PUT", "/applications/abc/tokens/t1", Pass),
+            ("PATCH", "/applications/abc/tokens/t1", Pass),
+            ("HEAD", "/applications/abc/tokens/t1", Pass),
+            ("GET", "/applications/abc/tokens/t1/", Pass),
+            ("GET", "/applications/abc/tokens/t1/extra", Pass),
+            ("GET", "/applications/abc/tokens", Pass),
+            ("GET", "/applications/abc", Pass),
+            ("GET", "/applications/", Pass),
+            ("GET", "/Applications/abc/tokens/t1", Pass),
+            ("GET", "/v3/applications/abc/tokens/t1", Pass),
+            ("GET", "/api/v3applications/abc/tokens/t1", Pass),
+            ("GET", "/api/v4/applications/abc/tokens/t1", Pass),
+            ("GET", "/x/api/v3/applications/abc/tokens/t1", Pass),
+            ("GET", "/applications/grants", Pass),
+            ("GET", "/user", Pass),
+            ("GET", "/", Pass),
+            ("GET", "", Pass),
+            // The replacement token API.
+            ("POST", "/applications/abc/token", TokenApi(Check, "abc")),
+            ("PATCH", "/applications/abc/token", TokenApi(Reset, "abc")),
+            (
+                "DELETE",
+                "/applications/abc/token",
+                TokenApi(RevokeToken, "abc"),
+            ),
+            (
+                "DELETE",
+                "/applications/abc/grant",
+                TokenApi(RevokeGrant, "abc"),
+            ),
+            (
+                "POST",
+                "/applications/abc/token/scoped",
+                TokenApi(ScopeToken, "abc"),
+            ),
+            (
+                "POST",
+                "/api/v3/applications/a%2Eb/token",
+                TokenApi(Check, "a.b"),
+            ),
+            ("GET", "/applications/abc/token", Pass),
+            ("PATCH", "/applications/abc/token/scoped", Pass),
+            ("POST", "/applications//token", Pass),
+            ("POST", "/applications/%FF/token", Pass),
+            ("POST", "/applications/abc/token/", Pass),
+        ];
+        for (method, path, want) in cases {
+            assert_eq!(&run(method, path), want, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn undecoded_segments_are_borrowed() {
+        let Ok(Route::Legacy(call)) = classify(&Method::GET, "/applications/abc/tokens/t1") else {
+            panic!("not legacy");
+        };
+        assert!(matches!(call.access_token, Cow::Borrowed(_)));
+        assert!(matches!(call.client_id, Cow::Borrowed(_)));
+        assert_eq!(call.client_id_segment, "abc");
+    }
+
+    #[test]
+    fn client_id_segment_stays_encoded() {
+        let Ok(Route::Legacy(call)) = classify(&Method::GET, "/applications/a%2Eb/tokens/t") else {
+            panic!("not legacy");
+        };
+        assert_eq!(call.client_id_segment, "a%2Eb");
+    }
+
+    #[test]
+    fn replacements_follow_the_contract() {
+        assert_eq!(Operation::Check.replacement(), (Method::POST, "token"));
+        assert_eq!(Operation::Reset.replacement(), (Method::PATCH, "token"));
+        assert_eq!(
+            Operation::RevokeToken.replacement(),
+            (Method::DELETE, "token")
+        );
+        assert_eq!(
+            Operation::RevokeGrant.replacement(),
+            (Method::DELETE, "grant")
+        );
+        assert_eq!(
+            Operation::ScopeToken.replacement(),
+            (Method::POST, "token/scoped")
+        );
+    }
+}

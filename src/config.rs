@@ -1,0 +1,554 @@
+//! The validated configuration: typed values (`SocketAddr`, `Uri`, `Duration`) built once from
+//! config.toml, so nothing after loading re-parses a string. Loading is two stages: serde reads
+//! `raw::RawConfig` (unknown keys rejected), then `Config::from_raw` checks every value. Every
+//! error names the dotted key, the value found and what was expected. No I/O beyond reading the
+//! file; runtime objects (listeners, TLS, clients) are built from this by `app`.
+
+mod raw;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderValue, Uri};
+use tracing::level_filters::LevelFilter;
+
+use raw::RawConfig;
+
+/// The whole validated configuration. Plain data: cheap to clone, safe to rebuild on reload.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[server]`: the proxy listener.
+    pub server: ServerConfig,
+    /// `[upstream]`: where calls are forwarded.
+    pub upstream: UpstreamConfig,
+    /// `[migration]`: how legacy calls are rewritten.
+    pub migration: MigrationConfig,
+    /// `[log]`: tracing output.
+    pub log: LogConfig,
+}
+
+/// `[server]`: the proxy listener.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address the proxy listens on (`server.listen`).
+    pub listen: SocketAddr,
+    /// Longest wait for a complete HTTP/1 request head, from the first byte (`server.header_read_timeout`).
+    pub header_read_timeout: Duration,
+    /// Longest a whole upstream exchange may take, from forwarding the request to the last byte
+    /// of the response body (`server.request_timeout`). A 504 is answered when the response
+    /// head has not arrived by then; a body still streaming is cut.
+    pub request_timeout: Duration,
+    /// Largest request body forwarded, in bytes (`server.max_request_body_bytes`); larger gets 413.
+    pub max_request_body_bytes: u64,
+    /// Longest wait for in-flight requests after SIGTERM/SIGINT (`server.shutdown_grace`).
+    pub shutdown_grace: Duration,
+}
+
+/// `[upstream]`: where calls are forwarded.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Scheme and authority of the upstream (`upstream.url`), `http` or `https`, no path.
+    pub url: Uri,
+    /// Extra PEM CA bundle trusted besides the webpki roots (`upstream.ca_file`), e.g. the
+    /// private CA of a GitHub Enterprise Server.
+    pub ca_file: Option<PathBuf>,
+    /// Longest wait for a TCP connection to the upstream (`upstream.connect_timeout`).
+    pub connect_timeout: Duration,
+    /// Idle keep-alive connections kept per upstream host (`upstream.pool_max_idle_per_host`).
+    pub pool_max_idle_per_host: usize,
+}
+
+/// `[migration]`: how legacy calls are rewritten.
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// Media type added to `Accept` on rewritten calls (`migration.preview_accept`); `None` when
+    /// the key is the empty string. GitHub Enterprise Server 2.20 requires
+    /// `application/vnd.github.doctor-strange-preview+json` (GitHub REST: API previews).
+    pub preview_accept: Option<HeaderValue>,
+}
+
+/// `[log]`: tracing output.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Line format (`log.format`).
+    pub format: LogFormat,
+    /// Most verbose level written (`log.level`); the `RUST_LOG` environment variable overrides it.
+    pub level: LevelFilter,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, for log shippers.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Why a configuration could not be loaded. Its `Display` is the message for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was opened.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key has the wrong TOML type or is unknown.
+    #[error("{path}: {key_prefix}{message} (line {line}, column {column})")]
+    Syntax {
+        /// The file that was read.
+        path: PathBuf,
+        /// `"<dotted.key>: "`, or empty when the error is not inside a key.
+        key_prefix: String,
+        /// What the TOML parser or serde reported.
+        message: String,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column of the error, in characters.
+        column: usize,
+    },
+    /// A key has a value of the right TOML type that is not acceptable.
+    #[error("{}invalid value for `{key}`: {value} (expected {expected})", display_path(.path))]
+    Invalid {
+        /// The file that was read, if any.
+        path: Option<PathBuf>,
+        /// The dotted key, e.g. `server.listen`.
+        key: &'static str,
+        /// The value as written (quoted when it was a string).
+        value: String,
+        /// What would have been accepted.
+        expected: String,
+    },
+}
+
+fn display_path(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default()
+}
+
+impl Config {
+    /// Reads and validates the TOML file at `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Syntax`] for bad TOML,
+    /// a wrong type or an unknown key (with line and column), [`ConfigError::Invalid`] for a
+    /// value out of range; each names the dotted key.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text).map_err(|e| e.with_path(path))
+    }
+
+    /// Parses and validates TOML text (no file name in errors).
+    ///
+    /// # Errors
+    /// As [`Config::load`], without [`ConfigError::Read`].
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let syntax = |key_prefix: String, err: toml::de::Error| {
+            let (line, column) = err
+                .span()
+                .map(|s| line_column(text, s.start))
+                .unwrap_or((1, 1));
+            ConfigError::Syntax {
+                path: PathBuf::new(),
+                key_prefix,
+                message: err.message().trim_end().to_owned(),
+                line,
+                column,
+            }
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| syntax(String::new(), e))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let prefix = if key == "." || key.is_empty() {
+                String::new()
+            } else {
+                format!("{key}: ")
+            };
+            syntax(prefix, e.into_inner())
+        })?;
+        Self::from_raw(raw)
+    }
+
+    /// Validates the serde mirror of the file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad key.
+    fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        let server = ServerConfig {
+            listen: parse_socket_addr("server.listen", &raw.server.listen)?,
+            header_read_timeout: parse_duration(
+                "server.header_read_timeout",
+                &raw.server.header_read_timeout,
+                false,
+            )?,
+            request_timeout: parse_duration(
+                "server.request_timeout",
+                &raw.server.request_timeout,
+                false,
+            )?,
+            max_request_body_bytes: positive(
+                "server.max_request_body_bytes",
+                raw.server.max_request_body_bytes,
+            )?,
+            shutdown_grace: parse_duration(
+                "server.shutdown_grace",
+                &raw.server.shutdown_grace,
+                true,
+            )?,
+        };
+        let upstream = UpstreamConfig {
+            url: parse_upstream_url(&raw.upstream.url)?,
+            ca_file: match raw.upstream.ca_file {
+                Some(f) if f.is_empty() => {
+                    return Err(invalid(
+                        "upstream.ca_file",
+                        quoted(&f),
+                        "a path to a PEM file, or the key left out",
+                    ));
+                }
+                f => f.map(PathBuf::from),
+            },
+            connect_timeout: parse_duration(
+                "upstream.connect_timeout",
+                &raw.upstream.connect_timeout,
+                false,
+            )?,
+            pool_max_idle_per_host: raw.upstream.pool_max_idle_per_host,
+        };
+        let migration = MigrationConfig {
+            preview_accept: parse_media_type(
+                "migration.preview_accept",
+                &raw.migration.preview_accept,
+            )?,
+        };
+        let log = LogConfig {
+            format: match raw.log.format.as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                other => return Err(invalid("log.format", quoted(other), "\"json\" or \"text\"")),
+            },
+            level: raw.log.level.parse().map_err(|_| {
+                invalid(
+                    "log.level",
+                    quoted(&raw.log.level),
+                    "one of \"off\", \"error\", \"warn\", \"info\", \"debug\", \"trace\"",
+                )
+            })?,
+        };
+        Ok(Config {
+            server,
+            upstream,
+            migration,
+            log,
+        })
+    }
+}
+
+impl Default for Config {
+    /// The documented defaults, as in the shipped config.toml.
+    fn default() -> Self {
+        // The raw defaults are constants checked by the unit tests; they always validate.
+        match Self::from_raw(RawConfig::default()) {
+            Ok(config) => config,
+            Err(e) => unreachable!("built-in defaults are invalid: {e}"),
+        }
+    }
+}
+
+impl ConfigError {
+    fn with_path(self, file: &Path) -> Self {
+        match self {
+            ConfigError::Syntax {
+                key_prefix,
+                message,
+                line,
+                column,
+                ..
+            } => ConfigError::Syntax {
+                path: file.to_owned(),
+                key_prefix,
+                message,
+                line,
+                column,
+            },
+            ConfigError::Invalid {
+                key,
+                value,
+                expected,
+                ..
+            } => ConfigError::Invalid {
+                path: Some(file.to_owned()),
+                key,
+                value,
+                expected,
+            },
+            other => other,
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        })
+    }
+}
+
+fn invalid(key: &'static str, value: String, expected: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: None,
+        key,
+        value,
+        expected: expected.into(),
+    }
+}
+
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// 1-based line and character column of byte offset `at` in `text`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+fn parse_socket_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            quoted(value),
+            "an IP address and port such as \"127.0.0.1:8080\" or \"[::1]:8080\"",
+        )
+    })
+}
+
+fn parse_duration(key: &'static str, value: &str, zero_ok: bool) -> Result<Duration, ConfigError> {
+    const EXPECTED: &str = "a duration such as \"30s\", \"500ms\" or \"2m\"";
+    let d = humantime::parse_duration(value)
+        .map_err(|e| invalid(key, quoted(value), format!("{EXPECTED}: {e}")))?;
+    if d.is_zero() && !zero_ok {
+        return Err(invalid(key, quoted(value), "a duration greater than zero"));
+    }
+    Ok(d)
+}
+
+fn positive(key: &'static str, value: u64) -> Result<u64, ConfigError> {
+    if value == 0 {
+        return Err(invalid(
+            key,
+            value.to_string(),
+            "a number greater than zero",
+        ));
+    }
+    Ok(value)
+}
+
+fn parse_upstream_url(value: &str) -> Result<Uri, ConfigError> {
+    const KEY: &str = "upstream.url";
+    const EXPECTED: &str =
+        "an http:// or https:// URL with a host and no path, such as \"https://api.github.com\"";
+    let uri: Uri = value
+        .parse()
+        .map_err(|_| invalid(KEY, quoted(value), EXPECTED))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    let host_ok = uri.host().is_some_and(|h| !h.is_empty());
+    let no_userinfo = uri.authority().is_some_and(|a| !a.as_str().contains('@'));
+    let no_path = matches!(uri.path(), "" | "/") && uri.query().is_none();
+    if !(scheme_ok && host_ok && no_userinfo && no_path) {
+        return Err(invalid(KEY, quoted(value), EXPECTED));
+    }
+    Ok(uri)
+}
+
+fn parse_media_type(key: &'static str, value: &str) -> Result<Option<HeaderValue>, ConfigError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let looks_like_media_type = value
+        .split_once('/')
+        .is_some_and(|(t, s)| !t.trim().is_empty() && !s.trim().is_empty() && !value.contains(','));
+    match HeaderValue::from_str(value) {
+        Ok(v) if looks_like_media_type => Ok(Some(v)),
+        _ => Err(invalid(
+            key,
+            quoted(value),
+            "one media type such as \"application/vnd.github.doctor-strange-preview+json\", or \"\" to send none",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::from_toml_str(text) {
+            Ok(_) => panic!("config unexpectedly valid:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = Config::from_toml_str("").expect("defaults");
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.max_request_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.upstream.url, "https://api.github.com");
+        assert!(c.upstream.ca_file.is_none());
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstream.pool_max_idle_per_host, 32);
+        assert_eq!(
+            c.migration.preview_accept.unwrap(),
+            "application/vnd.github.doctor-strange-preview+json"
+        );
+        assert_eq!(c.log.format, LogFormat::Text);
+        assert_eq!(c.log.level, LevelFilter::INFO);
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let c = Config::from_toml_str(
+            r#"
+            [server]
+            listen = "[::1]:9999"
+            request_timeout = "500ms"
+            shutdown_grace = "0s"
+            [upstream]
+            url = "http://127.0.0.1:3000"
+            ca_file = "/etc/ghe-ca.pem"
+            [migration]
+            preview_accept = ""
+            [log]
+            format = "json"
+            level = "trace"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.server.listen, "[::1]:9999".parse().unwrap());
+        assert_eq!(c.server.request_timeout, Duration::from_millis(500));
+        assert_eq!(c.server.shutdown_grace, Duration::ZERO);
+        assert_eq!(c.upstream.url.scheme_str(), Some("http"));
+        assert_eq!(
+            c.upstream.ca_file.as_deref(),
+            Some(Path::new("/etc/ghe-ca.pem"))
+        );
+        assert!(c.migration.preview_accept.is_none());
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.level, LevelFilter::TRACE);
+    }
+
+    #[test]
+    fn each_bad_value_names_key_value_and_expectation() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "[server]\nlisten = \"localhost\"",
+                &["server.listen", "\"localhost\"", "IP address and port"],
+            ),
+            (
+                "[server]\nrequest_timeout = \"ten\"",
+                &["server.request_timeout", "\"ten\"", "duration"],
+            ),
+            (
+                "[server]\nheader_read_timeout = \"0s\"",
+                &["server.header_read_timeout", "\"0s\"", "greater than zero"],
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 0",
+                &["server.max_request_body_bytes", "0", "greater than zero"],
+            ),
+            (
+                "[upstream]\nurl = \"ftp://example.com\"",
+                &[
+                    "upstream.url",
+                    "\"ftp://example.com\"",
+                    "http:// or https://",
+                ],
+            ),
+            (
+                "[upstream]\nurl = \"https://ghe.example/api/v3\"",
+                &["upstream.url", "no path"],
+            ),
+            (
+                "[upstream]\nurl = \"https://user:pw@ghe.example\"",
+                &["upstream.url"],
+            ),
+            ("[upstream]\nca_file = \"\"", &["upstream.ca_file", "PEM"]),
+            (
+                "[upstream]\nconnect_timeout = \"5 parsecs\"",
+                &["upstream.connect_timeout", "\"5 parsecs\""],
+            ),
+            (
+                "[migration]\npreview_accept = \"json\"",
+                &["migration.preview_accept", "\"json\"", "media type"],
+            ),
+            (
+                "[log]\nformat = \"xml\"",
+                &["log.format", "\"xml\"", "\"json\" or \"text\""],
+            ),
+            (
+                "[log]\nlevel = \"loud\"",
+                &["log.level", "\"loud\"", "\"debug\""],
+            ),
+        ];
+        for (text, wanted) in cases {
+            let msg = err(text);
+            for w in *wanted {
+                assert!(msg.contains(w), "{text:?}: {msg:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_are_rejected_with_position() {
+        let msg = err("[server]\nlisten = \"127.0.0.1:1\"\nlisten_port = 8080\n");
+        assert!(msg.contains("server"), "{msg}");
+        assert!(msg.contains("listen_port"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+
+        let msg = err("[servers]\nlisten = \"127.0.0.1:1\"\n");
+        assert!(msg.contains("servers"), "{msg}");
+        assert!(msg.contains("line 1"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_and_position() {
+        let msg = err("[server]\n\nmax_request_body_bytes = \"big\"\n");
+        assert!(msg.contains("server.max_request_body_bytes"), "{msg}");
+        assert!(msg.contains("line 3, column 26"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_errors_have_line_and_column() {
+        let msg = err("[server]\nlisten = \"127.0.0.1:1\n");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.contains("gw.toml"), "{e}");
+        std::fs::write(&path, "[log]\nformat = \"xml\"\n").unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.starts_with(&path.display().to_string()), "{e}");
+        assert!(e.contains("log.format"), "{e}");
+    }
+}

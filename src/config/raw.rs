@@ -1,0 +1,92 @@
+//! The serde mirror of config.toml: every section and key as the operator writes it, with its
+//! default. Nothing here is validated beyond TOML types; `config::Config::from_raw` turns this
+//! into typed values. Unknown keys are rejected (`deny_unknown_fields`) so a typo never passes
+//! silently. New sections are added here and in `Config` together.
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub upstream: RawUpstream,
+    pub migration: RawMigration,
+    pub log: RawLog,
+}
+
+/// `[server]`: the proxy listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub header_read_timeout: String,
+    pub request_timeout: String,
+    pub max_request_body_bytes: u64,
+    pub shutdown_grace: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            header_read_timeout: "10s".into(),
+            request_timeout: "30s".into(),
+            max_request_body_bytes: 10 * 1024 * 1024,
+            shutdown_grace: "30s".into(),
+        }
+    }
+}
+
+/// `[upstream]`: where calls are forwarded.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub url: String,
+    pub ca_file: Option<String>,
+    pub connect_timeout: String,
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            url: "https://api.github.com".into(),
+            ca_file: None,
+            connect_timeout: "5s".into(),
+            pool_max_idle_per_host: 32,
+        }
+    }
+}
+
+/// `[migration]`: how legacy calls are rewritten.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMigration {
+    pub preview_accept: String,
+}
+
+impl Default for RawMigration {
+    fn default() -> Self {
+        Self {
+            preview_accept: "application/vnd.github.doctor-strange-preview+json".into(),
+        }
+    }
+}
+
+/// `[log]`: tracing output.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub format: String,
+    pub level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! oauth-apps-gateway: a reverse proxy that puts GitHub's deprecated token-in-path OAuth
+//! Applications calls (`/applications/{client_id}/tokens/{access_token}`, `.../grants/...`) into
+//! their replacement form (token in a JSON body) and forwards them, and every other call,
+//! to one configured upstream.
+//!
+//! # Layout
+//! - [`app`]: composition root; builds the parts from a [`config::Config`], binds, runs, drains.
+//! - [`config`]: the TOML file, loaded and validated into typed values.
+//! - [`classify`]: pure; method and path -> legacy operation, token API or pass-through.
+//! - [`rewrite`]: pure; legacy call -> replacement path and JSON body; query credentials ->
+//!   `Authorization`.
+//! - [`headers`]: pure; hop-by-hop removal and `Accept` media-type merging.
+//! - [`proxy`]: the request flow and the one error -> status mapping.
+//! - [`upstream`]: the pooled HTTPS client to the upstream and its failure kinds.
+//! - [`body`]: response body types (deadline-bounded upstream body).
+//! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful drain.
+//! - [`logging`]: tracing subscriber set-up.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod body;
+pub mod classify;
+pub mod config;
+pub mod headers;
+pub mod logging;
+pub mod proxy;
+pub mod rewrite;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,61 @@
+//! The `oauth-apps-gateway` binary: parse the command line, load the config, set up logs, run.
+//! Exit codes: 0 success, 1 runtime failure (bind, upstream set-up), 2 invalid configuration.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use oauth_apps_gateway::{app, config::Config, logging, server::DrainOutcome};
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        return match app::check(&config) {
+            Ok(()) => {
+                println!("{}: configuration is valid", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Err(e) = logging::init(&config.log) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let listeners = app::bind(&config).await?;
+        app::run(config, listeners, app::shutdown_signal()).await
+    });
+    match result {
+        Ok(DrainOutcome::Completed) => ExitCode::SUCCESS,
+        Ok(DrainOutcome::TimedOut) => ExitCode::FAILURE,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway failed");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The accept loop for any hyper service: HTTP/1.1 and HTTP/2 (cleartext h2 by prior knowledge
+//! too) with hyper-util's auto builder, a header read timeout, and a graceful drain bounded by a
+//! grace period. It owns connections, not requests: what a request means is the service's job.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors), in milliseconds, so the loop
+/// does not spin while the condition lasts.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Connection-level settings of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Longest wait for a complete HTTP/1 request head, in seconds.
+    pub header_read_timeout: Duration,
+    /// Longest wait for in-flight requests once shutdown starts, in seconds.
+    pub shutdown_grace: Duration,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection finished its in-flight requests within the grace period.
+    Completed,
+    /// The grace period ran out with requests still in flight; their connections are dropped.
+    TimedOut,
+}
+
+/// Serves connections from `listener` until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests finish within `opts.shutdown_grace`, and reports how the drain ended.
+/// `make_service` is called once per connection with the peer address.
+pub async fn serve<M, S, B>(
+    listener: TcpListener,
+    make_service: M,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> DrainOutcome
+where
+    M: Fn(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        // Small request/response messages: send them without Nagle delay.
+        let _ = stream.set_nodelay(true);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), make_service(peer))
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                // Client resets, header timeouts and malformed requests end up here.
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    let open = graceful.count();
+    tracing::info!(
+        open_connections = open,
+        grace_seconds = opts.shutdown_grace.as_secs_f64(),
+        "shutdown: draining"
+    );
+    match tokio::time::timeout(opts.shutdown_grace, graceful.shutdown()).await {
+        Ok(()) => {
+            tracing::info!("shutdown: drain completed");
+            DrainOutcome::Completed
+        }
+        Err(_) => {
+            tracing::warn!("shutdown: grace period ended with requests still in flight");
+            DrainOutcome::TimedOut
+        }
+    }
+}

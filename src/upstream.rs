@@ -1,0 +1,351 @@
+//! The one HTTP client to the configured upstream: hyper-util's pooled legacy client over
+//! hyper-rustls (ring provider, webpki roots plus an optional private CA), HTTP/1.1 and HTTP/2 by
+//! ALPN, built once at start-up. It sends a request and sorts failures into kinds; it never
+//! retries a request that was written (reset and revoke are not idempotent), and never sends
+//! anywhere but the configured scheme and authority. The only user of hyper_rustls and rustls
+//! on the client side.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio::time::Instant;
+
+use crate::config::UpstreamConfig;
+
+/// Body of a request sent upstream: a body built by the gateway (a rewritten call) or the
+/// client's own body streamed through under the size limit.
+pub type UpstreamRequestBody = Either<Full<Bytes>, Limited<Incoming>>;
+
+/// Idle pooled connections are closed after this long, in seconds; below GitHub's own idle
+/// timeouts so the gateway, not the upstream, closes them (fewer races on reuse).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// TCP keep-alive probe interval on upstream connections, in seconds.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Why an upstream could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamBuildError {
+    /// The extra CA file could not be read or holds no usable certificate.
+    #[error("upstream.ca_file {path}: {reason}")]
+    CaFile {
+        /// The file named by `upstream.ca_file`.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// rustls refused the TLS settings (not expected with the ring provider).
+    #[error("TLS client configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Whose fault an upstream exchange failed, and how. Decides the status the client gets and is a
+/// bounded metric label. Never carries a URL, header or body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// No TCP connection could be made (refused, unreachable, DNS).
+    Connect,
+    /// The TLS handshake failed (certificate, protocol).
+    Tls,
+    /// The connect timeout or the whole-exchange deadline passed.
+    Timeout,
+    /// The upstream broke HTTP (closed early, malformed response, h2 reset).
+    Protocol,
+}
+
+impl FailureKind {
+    /// The kind's name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Tls => "tls",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Protocol => "protocol",
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed exchange with the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream failed; the client gets 502 or 504.
+    #[error("upstream {kind} failure")]
+    Failed {
+        /// How it failed.
+        kind: FailureKind,
+        /// The underlying error, for logs (hyper and rustls errors carry no URL or header).
+        #[source]
+        source: Option<Box<dyn StdError + Send + Sync>>,
+    },
+    /// The client's request body grew past `server.max_request_body_bytes` while it was being
+    /// streamed upstream; the client gets 413.
+    #[error("request body larger than the configured limit")]
+    RequestBodyTooLarge,
+    /// The client's request body could not be read (the client went away or broke framing).
+    #[error("request body could not be read from the client")]
+    RequestBody(#[source] Box<dyn StdError + Send + Sync>),
+}
+
+/// The configured upstream and the client that reaches it.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>,
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("scheme", &self.scheme)
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Installs ring as the process-wide rustls crypto provider. Idempotent. Every TLS config the
+/// gateway builds also names ring explicitly, so this only guards third-party code paths.
+pub fn install_crypto_provider() {
+    // Err means a provider is installed already (ours, from an earlier call): nothing to do.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Upstream {
+    /// Builds the client: TLS roots (webpki plus `ca_file`), ALPN h2 and http/1.1, the connect
+    /// timeout and the idle pool. No connection is opened here.
+    ///
+    /// # Errors
+    /// [`UpstreamBuildError::CaFile`] when `ca_file` cannot be read or holds no certificate.
+    pub fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamBuildError> {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &cfg.ca_file {
+            for cert in read_ca_file(path)? {
+                roots.add(cert).map_err(|e| UpstreamBuildError::CaFile {
+                    path: path.clone(),
+                    reason: format!("certificate rejected: {e}"),
+                })?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            // Retries only requests that were never written to a connection (a pooled
+            // connection found closed before use); a written request is never sent twice.
+            .retry_canceled_requests(true)
+            .build(connector);
+
+        let (scheme, authority) = match (cfg.url.scheme(), cfg.url.authority()) {
+            (Some(s), Some(a)) => (s.clone(), a.clone()),
+            // Config validation guarantees both; a Uri without them cannot be built there.
+            _ => (Scheme::HTTPS, Authority::from_static("api.github.com")),
+        };
+        Ok(Upstream {
+            client,
+            scheme,
+            authority,
+        })
+    }
+
+    /// The absolute upstream URI for a path and query: the configured scheme and authority,
+    /// whatever the client's request named.
+    pub fn uri(&self, path_and_query: PathAndQuery) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        // Scheme, authority and path all come from valid URIs, so this cannot fail; the
+        // fallback keeps the request on the configured upstream anyway.
+        Uri::from_parts(parts).unwrap_or_else(|_| {
+            let mut fallback = http::uri::Parts::default();
+            fallback.scheme = Some(self.scheme.clone());
+            fallback.authority = Some(self.authority.clone());
+            fallback.path_and_query = Some(PathAndQuery::from_static("/"));
+            Uri::from_parts(fallback).unwrap_or_default()
+        })
+    }
+
+    /// The upstream authority (`host[:port]`), the value of `Host` sent upstream.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// Sends `req` (whose URI must come from [`Upstream::uri`]) and waits for the response head
+    /// until `deadline`.
+    ///
+    /// # Errors
+    /// [`UpstreamError::Failed`] with the failure kind (a passed deadline is
+    /// [`FailureKind::Timeout`]); [`UpstreamError::RequestBodyTooLarge`] or
+    /// [`UpstreamError::RequestBody`] when the client's body stream failed.
+    pub async fn send(
+        &self,
+        req: Request<UpstreamRequestBody>,
+        deadline: Instant,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            Err(_elapsed) => Err(UpstreamError::Failed {
+                kind: FailureKind::Timeout,
+                source: None,
+            }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(sort_error(e)),
+        }
+    }
+}
+
+fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, UpstreamBuildError> {
+    let fail = |reason: String| UpstreamBuildError::CaFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| fail(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| fail(format!("not a PEM certificate bundle: {e}")))?;
+    if certs.is_empty() {
+        return Err(fail("no CERTIFICATE block found (expected PEM)".into()));
+    }
+    Ok(certs)
+}
+
+/// Sorts a client error by walking its source chain.
+fn sort_error(err: hyper_util::client::legacy::Error) -> UpstreamError {
+    let is_connect = err.is_connect();
+    let mut tls = false;
+    let mut timed_out = false;
+    let mut too_large = false;
+    let mut user_body = false;
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(&err);
+    while let Some(e) = cur {
+        if e.is::<rustls::Error>() {
+            tls = true;
+        } else if e.is::<LengthLimitError>() {
+            too_large = true;
+        } else if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            user_body |= h.is_user();
+        } else if let Some(io) = e.downcast_ref::<io::Error>() {
+            timed_out |= io.kind() == io::ErrorKind::TimedOut;
+            // io::Error::source skips the wrapped error itself, so look inside.
+            match io.get_ref() {
+                Some(inner) if inner.is::<rustls::Error>() => tls = true,
+                Some(inner) if inner.is::<LengthLimitError>() => too_large = true,
+                _ => {}
+            }
+        }
+        cur = e.source();
+    }
+    if too_large {
+        return UpstreamError::RequestBodyTooLarge;
+    }
+    if user_body && !is_connect {
+        return UpstreamError::RequestBody(Box::new(err));
+    }
+    let kind = match () {
+        _ if tls => FailureKind::Tls,
+        _ if is_connect && timed_out => FailureKind::Timeout,
+        _ if is_connect => FailureKind::Connect,
+        _ => FailureKind::Protocol,
+    };
+    UpstreamError::Failed {
+        kind,
+        source: Some(Box::new(err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn cfg_with_ca(path: &Path) -> UpstreamConfig {
+        let mut cfg = Config::default().upstream;
+        cfg.ca_file = Some(path.to_owned());
+        cfg
+    }
+
+    #[test]
+    fn uri_always_targets_the_configured_upstream() {
+        let mut cfg = Config::default().upstream;
+        cfg.url = "http://127.0.0.1:4000".parse().unwrap();
+        let up = Upstream::new(&cfg).unwrap();
+        let uri = up.uri(PathAndQuery::from_static("/applications/x/token?a=1"));
+        assert_eq!(uri, "http://127.0.0.1:4000/applications/x/token?a=1");
+        // A path that looks like an absolute URL stays a path on the upstream.
+        let uri = up.uri(PathAndQuery::from_static("//evil.example/x"));
+        assert_eq!(uri.authority().unwrap(), "127.0.0.1:4000");
+    }
+
+    #[test]
+    fn ca_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = Upstream::new(&cfg_with_ca(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("upstream.ca_file") && e.contains("missing.pem"),
+            "{e}"
+        );
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not pem at all\n").unwrap();
+        let e = Upstream::new(&cfg_with_ca(&empty)).unwrap_err().to_string();
+        assert!(
+            e.contains("empty.pem") && e.contains("no CERTIFICATE"),
+            "{e}"
+        );
+
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = Upstream::new(&cfg_with_ca(&broken))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broken.pem"), "{e}");
+    }
+}
