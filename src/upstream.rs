@@ -259,22 +259,23 @@ fn sort_error(err: hyper_util::client::legacy::Error) -> UpstreamError {
     let mut user_body = false;
     let mut cur: Option<&(dyn StdError + 'static)> = Some(&err);
     while let Some(e) = cur {
-        if e.is::<rustls::Error>() {
-            tls = true;
-        } else if e.is::<LengthLimitError>() {
-            too_large = true;
-        } else if let Some(h) = e.downcast_ref::<hyper::Error>() {
+        tls |= e.is::<rustls::Error>();
+        too_large |= e.is::<LengthLimitError>();
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
             user_body |= h.is_user();
-        } else if let Some(io) = e.downcast_ref::<io::Error>() {
-            timed_out |= io.kind() == io::ErrorKind::TimedOut;
-            // io::Error::source skips the wrapped error itself, so look inside.
-            match io.get_ref() {
-                Some(inner) if inner.is::<rustls::Error>() => tls = true,
-                Some(inner) if inner.is::<LengthLimitError>() => too_large = true,
-                _ => {}
-            }
         }
-        cur = e.source();
+        cur = match e.downcast_ref::<io::Error>() {
+            Some(io) => {
+                timed_out |= io.kind() == io::ErrorKind::TimedOut;
+                // io::Error::source skips the error it wraps; descend into it instead
+                // (hyper-rustls nests rustls errors two io::Errors deep).
+                match io.get_ref() {
+                    Some(inner) => Some(inner as &(dyn StdError + 'static)),
+                    None => io.source(),
+                }
+            }
+            None => e.source(),
+        };
     }
     if too_large {
         return UpstreamError::RequestBodyTooLarge;

@@ -1,0 +1,189 @@
+//! Shared integration-test support: the in-process fake GitHub, test certificates, a gateway
+//! spawner on 127.0.0.1:0 and small HTTP clients. Nothing here reaches beyond 127.0.0.1.
+#![allow(dead_code)]
+
+pub mod fake_github;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use oauth_apps_gateway::app::{self, Listeners};
+use oauth_apps_gateway::config::Config;
+use oauth_apps_gateway::server::DrainOutcome;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use fake_github::FakeGithub;
+
+/// An app registered on the fake upstream by [`setup`].
+pub const CLIENT_ID: &str = "Iv1.8a61f9b3a7aba766";
+/// Its client secret.
+pub const CLIENT_SECRET: &str = "s3cr3t-0b1d1a7e5e2c";
+
+/// `Authorization: Basic base64(CLIENT_ID:CLIENT_SECRET)`.
+pub fn basic_auth() -> String {
+    use base64::Engine as _;
+    let raw = format!("{CLIENT_ID}:{CLIENT_SECRET}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+/// A config that forwards to `upstream_url`, with defaults otherwise.
+pub fn config_for(upstream_url: &str) -> Config {
+    Config::from_toml_str(&format!("[upstream]\nurl = {upstream_url:?}\n")).expect("test config")
+}
+
+/// A gateway running in this process on 127.0.0.1:0.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<DrainOutcome>>,
+}
+
+impl Gateway {
+    /// Starts a gateway with `config` (its `server.listen` is ignored).
+    pub async fn start(config: Config) -> Gateway {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = proxy.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = rx.await;
+            };
+            app::run(config, Listeners { proxy }, shutdown)
+                .await
+                .expect("gateway run")
+        });
+        Gateway {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts the drain and waits for it to end.
+    pub async fn shutdown(mut self) -> DrainOutcome {
+        let task = self.begin_shutdown().expect("gateway task");
+        task.await.expect("join")
+    }
+
+    /// Signals shutdown without waiting; returns the handle to await the outcome.
+    pub fn begin_shutdown(&mut self) -> Option<JoinHandle<DrainOutcome>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.take()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A fake GitHub with one registered app, and a gateway in front of it.
+pub async fn setup() -> (FakeGithub, Gateway) {
+    setup_with(|_| {}).await
+}
+
+/// As [`setup`], letting the test adjust the gateway's config first.
+pub async fn setup_with(adjust: impl FnOnce(&mut Config)) -> (FakeGithub, Gateway) {
+    let gh = FakeGithub::start().await;
+    gh.add_app(CLIENT_ID, CLIENT_SECRET);
+    let mut config = config_for(&gh.url());
+    adjust(&mut config);
+    let gw = Gateway::start(config).await;
+    (gh, gw)
+}
+
+/// An HTTP/1.1 client (no pooling surprises: a fresh client per call site is fine).
+pub fn http1_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response read in full.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub version: http::Version,
+}
+
+impl Answer {
+    /// The body parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Sends `method url` with `headers` and `body` and reads the whole answer (10 s limit).
+pub async fn call(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Answer {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).expect("request");
+    let fut = async {
+        let resp = client.request(req).await.expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            version: parts.version,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .expect("answer within 10 s")
+}
+
+/// Sends a call with the app's Basic credentials over HTTP/1.1.
+pub async fn call_as_app(method: Method, url: &str) -> Answer {
+    let auth = basic_auth();
+    call(
+        &http1_client(),
+        method,
+        url,
+        &[
+            ("authorization", auth.as_str()),
+            ("accept", "application/vnd.github.v3+json"),
+        ],
+        Bytes::new(),
+    )
+    .await
+}
