@@ -339,3 +339,89 @@ async fn upstream_connect_timeout_gives_504() {
     assert_eq!(a.status, 504, "{:?}", a.body);
     drop((listener, fillers));
 }
+
+#[tokio::test]
+async fn slow_request_head_is_cut_by_the_header_read_timeout() {
+    let (gh, gw) = setup_with(|c| c.server.header_read_timeout = Duration::from_millis(200)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /user HTTP/1.1\r\nhost: gw\r\n")
+        .await
+        .unwrap();
+    // The head never completes: the gateway must close the connection on its own.
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(
+        read.is_ok(),
+        "connection still open long after header_read_timeout"
+    );
+    assert_eq!(gh.request_count(), 0);
+}
+
+/// An upstream that answers its first request on a connection, then reads the second one and
+/// hangs up without answering. Returns its address and a counter of request heads received.
+async fn upstream_dropping_second_request()
+-> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut answered = 0;
+                let mut tmp = [0u8; 4096];
+                while let Ok(n) = s.read(&mut tmp).await {
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    // Count complete request heads; bodies here are small JSON with length.
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                        if buf.len() < end + 4 + len {
+                            break;
+                        }
+                        buf.drain(..end + 4 + len);
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        if answered == 0 {
+                            answered += 1;
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                                .await;
+                        } else {
+                            return; // read the request, hang up without an answer
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn a_reset_that_was_sent_is_never_retried() {
+    use std::sync::atomic::Ordering;
+    let (url, seen) = upstream_dropping_second_request().await;
+    let gw = Gateway::start(config_for(&url)).await;
+    let base = format!("{}/applications/{CLIENT_ID}/tokens", gw.url());
+    // The first call leaves a pooled keep-alive connection; the reset goes out on it and the
+    // upstream hangs up after reading it.
+    let a = call_as_app(Method::GET, &format!("{base}/gho_first")).await;
+    assert_eq!(a.status, 200);
+    let a = call_as_app(Method::POST, &format!("{base}/gho_second")).await;
+    assert_eq!(a.status, 502, "{:?}", a.body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "the reset was sent more than once"
+    );
+}
