@@ -6,13 +6,21 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::admin::{Admin, Readiness};
 use crate::config::Config;
+use crate::metrics::{Metrics, MetricsError, Registry};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{self, DrainOutcome, ServeOptions};
 use crate::upstream::{self, Upstream, UpstreamBuildError};
+
+/// How long the admin listener waits for its own requests (a scrape) once the proxy has
+/// drained, in seconds.
+const ADMIN_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +28,9 @@ pub enum AppError {
     /// The upstream client could not be built (e.g. a bad `upstream.ca_file`).
     #[error(transparent)]
     Upstream(#[from] UpstreamBuildError),
+    /// The metrics could not be registered.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} (`{key}`): {source}")]
     Bind {
@@ -37,6 +48,8 @@ pub enum AppError {
 pub struct Listeners {
     /// The proxy listener (`server.listen`).
     pub proxy: TcpListener,
+    /// The admin listener (`admin.listen`): metrics, health, legacy-client report.
+    pub admin: TcpListener,
 }
 
 /// Binds every listener named in `config`.
@@ -44,15 +57,15 @@ pub struct Listeners {
 /// # Errors
 /// [`AppError::Bind`] naming the key and address that failed.
 pub async fn bind(config: &Config) -> Result<Listeners, AppError> {
-    let addr = config.server.listen;
-    let proxy = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind {
-            key: "server.listen",
-            addr,
-            source,
-        })?;
-    Ok(Listeners { proxy })
+    let bind = |key: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { key, addr, source })
+    };
+    Ok(Listeners {
+        proxy: bind("server.listen", config.server.listen).await?,
+        admin: bind("admin.listen", config.admin.listen).await?,
+    })
 }
 
 /// Builds every runtime object `config` describes without binding or serving: what
@@ -63,14 +76,17 @@ pub async fn bind(config: &Config) -> Result<Listeners, AppError> {
 pub fn check(config: &Config) -> Result<(), AppError> {
     upstream::install_crypto_provider();
     Upstream::new(&config.upstream)?;
+    Metrics::new(Registry::new(), config.metrics.max_client_ids)?;
     Ok(())
 }
 
-/// Runs the gateway on `listeners` until `shutdown` resolves, then drains within
-/// `server.shutdown_grace` and reports how the drain ended.
+/// Runs the gateway on `listeners` until `shutdown` resolves: then `/readyz` turns 503, the
+/// proxy listener stops accepting and drains within `server.shutdown_grace`, and the admin
+/// listener stops last. Reports how the proxy drain ended.
 ///
 /// # Errors
-/// [`AppError::Upstream`] when the upstream client cannot be built.
+/// [`AppError::Upstream`] when the upstream client cannot be built, [`AppError::Metrics`] when
+/// the metrics cannot be registered.
 pub async fn run(
     config: Config,
     listeners: Listeners,
@@ -78,27 +94,64 @@ pub async fn run(
 ) -> Result<DrainOutcome, AppError> {
     upstream::install_crypto_provider();
     let upstream = Upstream::new(&config.upstream)?;
-    let proxy = Proxy::new(upstream, ProxySettings::from(&config));
+    let metrics = Arc::new(Metrics::new(
+        Registry::new(),
+        config.metrics.max_client_ids,
+    )?);
+    let readiness = Readiness::new();
+    let proxy = Proxy::new(upstream, ProxySettings::from(&config), metrics.clone());
+
+    let admin = Admin::new(metrics.clone(), readiness.clone());
+    let admin_opts = ServeOptions {
+        header_read_timeout: config.server.header_read_timeout,
+        shutdown_grace: ADMIN_GRACE,
+    };
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_make_service = move |_peer: SocketAddr| {
+        let admin = admin.clone();
+        hyper::service::service_fn(move |req| {
+            let resp = admin.handle(&req);
+            async move { Ok::<_, Infallible>(resp) }
+        })
+    };
+    let admin_task = tokio::spawn(server::serve(
+        listeners.admin,
+        admin_make_service,
+        admin_opts,
+        async {
+            let _ = admin_stopped.await;
+        },
+    ));
+
     let opts = ServeOptions {
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,
     };
-    if let Ok(addr) = listeners.proxy.local_addr() {
-        tracing::info!(
-            listen = %addr,
-            upstream = %config.upstream.url,
-            version = env!("CARGO_PKG_VERSION"),
-            "oauth-apps-gateway serving"
-        );
-    }
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(
+        listen = %addr(&listeners.proxy),
+        upstream = %config.upstream.url,
+        version = env!("CARGO_PKG_VERSION"),
+        "oauth-apps-gateway serving"
+    );
     let make_service = move |_peer: SocketAddr| {
         let proxy = proxy.clone();
+        let connection = metrics.connection_opened();
         hyper::service::service_fn(move |req| {
+            // The service lives as long as the connection; so does the gauge guard.
+            let _connection = &connection;
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req).await) }
         })
     };
-    Ok(server::serve(listeners.proxy, make_service, opts, shutdown).await)
+    let drain_signal = async {
+        shutdown.await;
+        readiness.set_draining();
+    };
+    let outcome = server::serve(listeners.proxy, make_service, opts, drain_signal).await;
+    let _ = stop_admin.send(());
+    let _ = admin_task.await;
+    Ok(outcome)
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C); on non-Unix systems, on Ctrl-C only.

@@ -33,7 +33,20 @@ pub enum Operation {
     ScopeToken,
 }
 
+/// The four operations that have a legacy (token-in-path) form, in a fixed order.
+pub const LEGACY_OPERATIONS: [Operation; 4] = [
+    Operation::Check,
+    Operation::Reset,
+    Operation::RevokeToken,
+    Operation::RevokeGrant,
+];
+
 impl Operation {
+    /// Position in [`LEGACY_OPERATIONS`]; `None` for [`Operation::ScopeToken`].
+    pub fn legacy_index(self) -> Option<usize> {
+        LEGACY_OPERATIONS.iter().position(|&op| op == self)
+    }
+
     /// The operation's name as used in logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -110,6 +123,39 @@ impl Route<'_> {
             Route::Legacy(call) => Some(call.operation),
             Route::TokenApi { operation, .. } => Some(*operation),
             Route::PassThrough => None,
+        }
+    }
+}
+
+/// The class of a route, a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteClass {
+    /// A deprecated token-in-path call (well-formed or not).
+    Legacy,
+    /// A call to the replacement token API.
+    TokenApi,
+    /// Anything else.
+    PassThrough,
+}
+
+impl RouteClass {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteClass::Legacy => "legacy",
+            RouteClass::TokenApi => "token_api",
+            RouteClass::PassThrough => "pass_through",
+        }
+    }
+}
+
+impl Route<'_> {
+    /// The route's class.
+    pub fn class(&self) -> RouteClass {
+        match self {
+            Route::Legacy(_) => RouteClass::Legacy,
+            Route::TokenApi { .. } => RouteClass::TokenApi,
+            Route::PassThrough => RouteClass::PassThrough,
         }
     }
 }

@@ -9,7 +9,7 @@ mod raw;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Uri};
 use tracing::level_filters::LevelFilter;
@@ -23,8 +23,12 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[upstream]`: where calls are forwarded.
     pub upstream: UpstreamConfig,
-    /// `[migration]`: how legacy calls are rewritten.
+    /// `[migration]`: what is done with legacy calls.
     pub migration: MigrationConfig,
+    /// `[admin]`: the admin listener (metrics, health, legacy-client report).
+    pub admin: AdminConfig,
+    /// `[metrics]`: Prometheus series limits.
+    pub metrics: MetricsConfig,
     /// `[log]`: tracing output.
     pub log: LogConfig,
 }
@@ -60,13 +64,91 @@ pub struct UpstreamConfig {
     pub pool_max_idle_per_host: usize,
 }
 
-/// `[migration]`: how legacy calls are rewritten.
+/// `[migration]`: what is done with legacy calls.
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
+    /// The mode of each legacy operation (`migration.mode`, overridden per operation by
+    /// `[migration.operations]`).
+    pub modes: OperationModes,
+    /// Whether a 422 answered to a rewritten call reaches the legacy client as 404
+    /// (`migration.status_compat`): the legacy contract never lists 422 and promises 404 for an
+    /// invalid token (GitHub REST: Check an authorization, Reset an authorization).
+    pub status_compat: bool,
+    /// Whether responses to legacy calls carry `Deprecation`, `Link` and `Sunset`
+    /// (`migration.deprecation_headers`).
+    pub deprecation_headers: bool,
+    /// Dates and link those headers carry.
+    pub deprecation: Deprecation,
     /// Media type added to `Accept` on rewritten calls (`migration.preview_accept`); `None` when
     /// the key is the empty string. GitHub Enterprise Server 2.20 requires
     /// `application/vnd.github.doctor-strange-preview+json` (GitHub REST: API previews).
     pub preview_accept: Option<HeaderValue>,
+}
+
+/// What the gateway does with one legacy operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Rewrite into the replacement form and forward.
+    Rewrite,
+    /// Forward unchanged (for an upstream that still serves the legacy form, such as GitHub
+    /// Enterprise Server up to 3.1) and count it.
+    Observe,
+    /// Answer 410 Gone from the gateway, naming the replacement; never forwarded.
+    Reject,
+}
+
+impl Mode {
+    /// The mode's name as written in the config file and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Rewrite => "rewrite",
+            Mode::Observe => "observe",
+            Mode::Reject => "reject",
+        }
+    }
+}
+
+/// The mode of each legacy operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OperationModes {
+    /// Legacy `GET .../tokens/{t}`.
+    pub check: Mode,
+    /// Legacy `POST .../tokens/{t}`.
+    pub reset: Mode,
+    /// Legacy `DELETE .../tokens/{t}`.
+    pub revoke_token: Mode,
+    /// Legacy `DELETE .../grants/{t}`.
+    pub revoke_grant: Mode,
+}
+
+/// The deprecation metadata sent on responses to legacy calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deprecation {
+    /// When the legacy endpoints were deprecated (`migration.deprecation_date`, default
+    /// 2020-02-14T00:00:00Z, GitHub's announcement); sent as `Deprecation: @<unix seconds>`
+    /// (RFC 9745 §2).
+    pub date: SystemTime,
+    /// Where the deprecation is explained (`migration.deprecation_link`); sent as
+    /// `Link: <...>; rel="deprecation"; type="text/html"` (RFC 9745 §3).
+    pub link: Uri,
+    /// When the legacy endpoints stop working (`migration.sunset_date`); sent as
+    /// `Sunset: <IMF-fixdate>` (RFC 8594) when set. Never before `date`.
+    pub sunset: Option<SystemTime>,
+}
+
+/// `[admin]`: the admin listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address of the admin listener (`admin.listen`), separate from the proxy listener.
+    pub listen: SocketAddr,
+}
+
+/// `[metrics]`: Prometheus series limits.
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Distinct client_ids that get their own series and report entry
+    /// (`metrics.max_client_ids`); later ones count under `client_id="other"`.
+    pub max_client_ids: usize,
 }
 
 /// `[log]`: tracing output.
@@ -224,10 +306,68 @@ impl Config {
             )?,
             pool_max_idle_per_host: raw.upstream.pool_max_idle_per_host,
         };
+        let m = &raw.migration;
+        let mode = parse_mode("migration.mode", &m.mode)?;
+        let over = |key: &'static str, v: &Option<String>| match v {
+            Some(v) => parse_mode(key, v),
+            None => Ok(mode),
+        };
+        let modes = OperationModes {
+            check: over("migration.operations.check", &m.operations.check)?,
+            reset: over("migration.operations.reset", &m.operations.reset)?,
+            revoke_token: over(
+                "migration.operations.revoke_token",
+                &m.operations.revoke_token,
+            )?,
+            revoke_grant: over(
+                "migration.operations.revoke_grant",
+                &m.operations.revoke_grant,
+            )?,
+        };
+        let date = parse_date("migration.deprecation_date", &m.deprecation_date)?;
+        let sunset = m
+            .sunset_date
+            .as_deref()
+            .map(|v| parse_date("migration.sunset_date", v))
+            .transpose()?;
+        if let (Some(s), Some(raw_sunset)) = (sunset, &m.sunset_date)
+            && s < date
+        {
+            return Err(invalid(
+                "migration.sunset_date",
+                quoted(raw_sunset),
+                format!(
+                    "a date on or after migration.deprecation_date ({:?}): a sunset cannot come before the deprecation (RFC 8594 §3)",
+                    m.deprecation_date
+                ),
+            ));
+        }
         let migration = MigrationConfig {
-            preview_accept: parse_media_type(
-                "migration.preview_accept",
-                &raw.migration.preview_accept,
+            modes,
+            status_compat: m.status_compat,
+            deprecation_headers: m.deprecation_headers,
+            deprecation: Deprecation {
+                date,
+                link: parse_link("migration.deprecation_link", &m.deprecation_link)?,
+                sunset,
+            },
+            preview_accept: parse_media_type("migration.preview_accept", &m.preview_accept)?,
+        };
+        let admin = AdminConfig {
+            listen: parse_socket_addr("admin.listen", &raw.admin.listen)?,
+        };
+        if admin.listen == server.listen {
+            return Err(invalid(
+                "admin.listen",
+                quoted(&raw.admin.listen),
+                "an address other than server.listen: the admin endpoints are never served on the proxy listener",
+            ));
+        }
+        let metrics = MetricsConfig {
+            max_client_ids: at_most(
+                "metrics.max_client_ids",
+                raw.metrics.max_client_ids,
+                MAX_CLIENT_IDS_LIMIT,
             )?,
         };
         let log = LogConfig {
@@ -248,6 +388,8 @@ impl Config {
             server,
             upstream,
             migration,
+            admin,
+            metrics,
             log,
         })
     }
@@ -346,6 +488,63 @@ fn parse_duration(key: &'static str, value: &str, zero_ok: bool) -> Result<Durat
     Ok(d)
 }
 
+/// Upper bound of `metrics.max_client_ids`: each tracked id costs a series and a report entry.
+const MAX_CLIENT_IDS_LIMIT: usize = 100_000;
+
+fn at_most(key: &'static str, value: usize, limit: usize) -> Result<usize, ConfigError> {
+    if value > limit {
+        return Err(invalid(
+            key,
+            value.to_string(),
+            format!("a number from 0 to {limit}"),
+        ));
+    }
+    Ok(value)
+}
+
+fn parse_mode(key: &'static str, value: &str) -> Result<Mode, ConfigError> {
+    match value {
+        "rewrite" => Ok(Mode::Rewrite),
+        "observe" => Ok(Mode::Observe),
+        "reject" => Ok(Mode::Reject),
+        _ => Err(invalid(
+            key,
+            quoted(value),
+            "\"rewrite\", \"observe\" or \"reject\"",
+        )),
+    }
+}
+
+/// A calendar date (`2020-02-14`, midnight UTC) or an RFC 3339 UTC time.
+fn parse_date(key: &'static str, value: &str) -> Result<SystemTime, ConfigError> {
+    let full = if value.len() == 10 {
+        format!("{value}T00:00:00Z")
+    } else {
+        value.to_owned()
+    };
+    humantime::parse_rfc3339(&full).map_err(|e| {
+        invalid(
+            key,
+            quoted(value),
+            format!(
+                "a date such as \"2020-02-14\" or a UTC time such as \"2020-02-14T00:00:00Z\": {e}"
+            ),
+        )
+    })
+}
+
+fn parse_link(key: &'static str, value: &str) -> Result<Uri, ConfigError> {
+    let uri: Option<Uri> = value.parse().ok();
+    match uri {
+        Some(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => Ok(u),
+        _ => Err(invalid(
+            key,
+            quoted(value),
+            "an absolute http:// or https:// URL",
+        )),
+    }
+}
+
 fn positive(key: &'static str, value: u64) -> Result<u64, ConfigError> {
     if value == 0 {
         return Err(invalid(
@@ -420,6 +619,71 @@ mod tests {
         );
         assert_eq!(c.log.format, LogFormat::Text);
         assert_eq!(c.log.level, LevelFilter::INFO);
+        let all = |m| OperationModes {
+            check: m,
+            reset: m,
+            revoke_token: m,
+            revoke_grant: m,
+        };
+        assert_eq!(c.migration.modes, all(Mode::Rewrite));
+        assert!(c.migration.status_compat);
+        assert!(c.migration.deprecation_headers);
+        assert_eq!(
+            c.migration.deprecation.date,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_581_638_400)
+        );
+        assert_eq!(
+            c.migration.deprecation.link,
+            "https://developer.github.com/changes/2020-02-14-deprecating-oauth-app-endpoint/"
+        );
+        assert_eq!(c.migration.deprecation.sunset, None);
+        assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.metrics.max_client_ids, 1000);
+    }
+
+    #[test]
+    fn modes_and_overrides() {
+        let c = Config::from_toml_str(
+            "[migration]\nmode = \"observe\"\n[migration.operations]\nreset = \"reject\"\nrevoke_grant = \"rewrite\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.migration.modes,
+            OperationModes {
+                check: Mode::Observe,
+                reset: Mode::Reject,
+                revoke_token: Mode::Observe,
+                revoke_grant: Mode::Rewrite,
+            }
+        );
+    }
+
+    #[test]
+    fn dates_and_sunset_validation() {
+        let c = Config::from_toml_str(
+            "[migration]\ndeprecation_date = \"2020-02-14T12:00:00Z\"\nsunset_date = \"2021-05-05\"\n",
+        )
+        .unwrap();
+        let d = &c.migration.deprecation;
+        assert_eq!(
+            d.date,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_581_681_600)
+        );
+        assert_eq!(
+            d.sunset,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_620_172_800))
+        );
+        // Sunset on the deprecation day is allowed; before it is not.
+        assert!(Config::from_toml_str("[migration]\nsunset_date = \"2020-02-14\"\n").is_ok());
+        let msg = err("[migration]\nsunset_date = \"2020-02-13\"\n");
+        assert!(
+            msg.contains("migration.sunset_date") && msg.contains("\"2020-02-13\""),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("on or after migration.deprecation_date"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -497,6 +761,30 @@ mod tests {
             (
                 "[migration]\npreview_accept = \"json\"",
                 &["migration.preview_accept", "\"json\"", "media type"],
+            ),
+            (
+                "[migration]\nmode = \"block\"",
+                &["migration.mode", "\"block\"", "\"observe\""],
+            ),
+            (
+                "[migration.operations]\nreset = \"drop\"",
+                &["migration.operations.reset", "\"drop\"", "\"reject\""],
+            ),
+            (
+                "[migration]\ndeprecation_date = \"14/02/2020\"",
+                &["migration.deprecation_date", "\"14/02/2020\"", "2020-02-14"],
+            ),
+            (
+                "[migration]\ndeprecation_link = \"not a url\"",
+                &["migration.deprecation_link", "absolute http"],
+            ),
+            (
+                "[admin]\nlisten = \"127.0.0.1:8080\"",
+                &["admin.listen", "other than server.listen"],
+            ),
+            (
+                "[metrics]\nmax_client_ids = 100001",
+                &["metrics.max_client_ids", "100001", "0 to 100000"],
             ),
             (
                 "[log]\nformat = \"xml\"",

@@ -1,8 +1,65 @@
 //! Pure header functions used while forwarding: removal of hop-by-hop fields (RFC 9110 §7.6.1)
-//! in both directions, and adding a media type to `Accept` (GitHub API previews). No I/O, no
-//! logging; allocation only when a header actually changes.
+//! in both directions, adding a media type to `Accept` (GitHub API previews), and the
+//! deprecation signalling headers (RFC 9745, RFC 8594), whose values are built once per config
+//! load. No I/O, no logging; allocation only when a header actually changes.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::Deprecation;
+
+/// The `Deprecation` response field (RFC 9745 §2).
+pub const DEPRECATION: HeaderName = HeaderName::from_static("deprecation");
+/// The `Sunset` response field (RFC 8594 §3).
+pub const SUNSET: HeaderName = HeaderName::from_static("sunset");
+
+/// Prebuilt deprecation signalling for responses to legacy calls.
+#[derive(Debug, Clone)]
+pub struct DeprecationHeaders {
+    deprecation: HeaderValue,
+    link: HeaderValue,
+    sunset: Option<HeaderValue>,
+}
+
+impl DeprecationHeaders {
+    /// Builds the values: `Deprecation: @<unix seconds>` (an sf-date, RFC 9745 §2),
+    /// `Link: <link>; rel="deprecation"; type="text/html"` (RFC 9745 §3) and, when a sunset is
+    /// set, `Sunset: <IMF-fixdate>` (RFC 8594 §3, RFC 9110 §5.6.7).
+    pub fn new(d: &Deprecation) -> Self {
+        let secs = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        // Both strings are ASCII built from digits and a validated URI, so they are valid
+        // header values; the fallbacks only keep this free of panics.
+        let deprecation = HeaderValue::try_from(format!("@{}", secs(d.date)))
+            .unwrap_or(HeaderValue::from_static("@0"));
+        let link = HeaderValue::try_from(format!(
+            "<{}>; rel=\"deprecation\"; type=\"text/html\"",
+            d.link
+        ))
+        .unwrap_or(HeaderValue::from_static("<>; rel=\"deprecation\""));
+        let sunset = d
+            .sunset
+            .and_then(|t| HeaderValue::try_from(httpdate::fmt_http_date(t)).ok());
+        DeprecationHeaders {
+            deprecation,
+            link,
+            sunset,
+        }
+    }
+
+    /// Adds the headers to a response; an existing `Link` is kept (the relation is appended).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert(DEPRECATION, self.deprecation.clone());
+        headers.append(header::LINK, self.link.clone());
+        if let Some(s) = &self.sunset {
+            headers.insert(SUNSET, s.clone());
+        }
+    }
+}
 
 /// Fields that describe one connection, never the message (RFC 9110 §7.6.1, plus the
 /// non-standard `Keep-Alive` and `Proxy-Connection` that HTTP/1.0-era clients send).
@@ -91,6 +148,36 @@ pub fn add_accept_media_type(headers: &mut HeaderMap, media_type: &HeaderValue) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn deprecation_header_formats() {
+        let d = Deprecation {
+            date: UNIX_EPOCH + Duration::from_secs(1_581_638_400),
+            link: "https://developer.github.com/changes/2020-02-14-deprecating-oauth-app-endpoint/"
+                .parse()
+                .unwrap(),
+            sunset: Some(UNIX_EPOCH + Duration::from_secs(1_620_172_800)),
+        };
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static("<https://x/?page=2>; rel=\"next\""),
+        );
+        DeprecationHeaders::new(&d).apply(&mut h);
+        assert_eq!(h["deprecation"], "@1581638400");
+        assert_eq!(h["sunset"], "Wed, 05 May 2021 00:00:00 GMT");
+        let links: Vec<_> = h.get_all(header::LINK).iter().collect();
+        assert_eq!(links.len(), 2);
+        assert_eq!(
+            links[1],
+            "<https://developer.github.com/changes/2020-02-14-deprecating-oauth-app-endpoint/>; rel=\"deprecation\"; type=\"text/html\""
+        );
+
+        let mut h = HeaderMap::new();
+        DeprecationHeaders::new(&Deprecation { sunset: None, ..d }).apply(&mut h);
+        assert!(h.get("sunset").is_none());
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();

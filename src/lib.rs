@@ -14,17 +14,21 @@
 //! - [`upstream`]: the pooled HTTPS client to the upstream and its failure kinds.
 //! - [`body`]: response body types (deadline-bounded upstream body).
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful drain.
+//! - [`admin`]: the admin listener's endpoints (metrics, health, legacy-client report).
+//! - [`metrics`]: Prometheus metrics and the legacy-client report (the only prometheus user).
 //! - [`logging`]: tracing subscriber set-up.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod body;
 pub mod classify;
 pub mod config;
 pub mod headers;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod rewrite;
 pub mod server;

@@ -11,15 +11,18 @@ use std::time::Instant as StdInstant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::body::{DeadlineBody, ProxyBody};
-use crate::classify::{ClassifyError, Malformed, Operation, Route, classify};
-use crate::config::Config;
-use crate::headers::{add_accept_media_type, remove_hop_by_hop};
+use crate::classify::{
+    ClassifyError, LegacyCall, Malformed, Operation, Route, RouteClass, classify,
+};
+use crate::config::{Config, Mode, OperationModes};
+use crate::headers::{DeprecationHeaders, add_accept_media_type, remove_hop_by_hop};
+use crate::metrics::{CredentialKind, LegacyAction, Metrics};
 use crate::rewrite::{InvalidCredential, QueryCredentials, replace_legacy, take_query_credentials};
 use crate::upstream::{FailureKind, Upstream, UpstreamError};
 
@@ -37,14 +40,40 @@ pub struct ProxySettings {
     pub max_request_body_bytes: u64,
     /// Media type added to `Accept` on rewritten calls (`migration.preview_accept`).
     pub preview_accept: Option<HeaderValue>,
+    /// What is done with each legacy operation (`migration.mode`, `[migration.operations]`).
+    pub modes: OperationModes,
+    /// 422 to a rewritten call becomes 404 (`migration.status_compat`).
+    pub status_compat: bool,
+    /// Headers added to every response to a legacy call; `None` when
+    /// `migration.deprecation_headers` is false.
+    pub deprecation: Option<DeprecationHeaders>,
 }
 
 impl From<&Config> for ProxySettings {
     fn from(c: &Config) -> Self {
+        let m = &c.migration;
         Self {
             request_timeout: c.server.request_timeout,
             max_request_body_bytes: c.server.max_request_body_bytes,
-            preview_accept: c.migration.preview_accept.clone(),
+            preview_accept: m.preview_accept.clone(),
+            modes: m.modes,
+            status_compat: m.status_compat,
+            deprecation: m
+                .deprecation_headers
+                .then(|| DeprecationHeaders::new(&m.deprecation)),
+        }
+    }
+}
+
+impl ProxySettings {
+    fn mode(&self, op: Operation) -> Mode {
+        match op {
+            Operation::Check => self.modes.check,
+            Operation::Reset => self.modes.reset,
+            Operation::RevokeToken => self.modes.revoke_token,
+            Operation::RevokeGrant => self.modes.revoke_grant,
+            // Never a legacy operation; forwarded as is if it ever were.
+            Operation::ScopeToken => Mode::Observe,
         }
     }
 }
@@ -58,6 +87,7 @@ pub struct Proxy {
 struct Inner {
     upstream: Upstream,
     settings: ProxySettings,
+    metrics: Arc<Metrics>,
 }
 
 impl fmt::Debug for Proxy {
@@ -87,6 +117,14 @@ pub enum ProxyError {
     /// The client's request body could not be read: 400.
     #[error("request body could not be read")]
     RequestBody,
+    /// A legacy operation switched off by mode `reject`: 410, naming the replacement.
+    #[error("legacy {operation} rejected by configuration")]
+    Gone {
+        /// The rejected operation.
+        operation: Operation,
+        /// `METHOD /path` of the replacement endpoint, with the client_id (never the token).
+        replacement: String,
+    },
     /// The upstream failed: 502, or 504 for a timeout.
     #[error("upstream {0} failure")]
     Upstream(FailureKind),
@@ -99,6 +137,7 @@ impl From<&ProxyError> for StatusCode {
             | ProxyError::InvalidQueryCredential(_)
             | ProxyError::RequestBody => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Gone { .. } => StatusCode::GONE,
             ProxyError::Upstream(FailureKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -122,6 +161,9 @@ impl ProxyError {
                 format!("Request body too large: the gateway accepts at most {limit} bytes.")
             }
             ProxyError::RequestBody => "Bad request: the request body could not be read.".into(),
+            ProxyError::Gone { replacement, .. } => format!(
+                "Gone: this deprecated endpoint is switched off. Use {replacement} with the token in a JSON body: {{\"access_token\": \"...\"}}."
+            ),
             ProxyError::Upstream(FailureKind::Timeout) => {
                 "Gateway timeout: the upstream did not answer in time.".into()
             }
@@ -134,6 +176,7 @@ impl ProxyError {
     fn documentation_url(&self) -> &'static str {
         match self {
             ProxyError::MalformedLegacy(_) => OAUTH_APPS_DOCS,
+            ProxyError::Gone { operation, .. } => replacement_docs(*operation),
             _ => REST_DOCS,
         }
     }
@@ -163,89 +206,111 @@ impl ProxyError {
     }
 }
 
-/// What one request was, for its access event.
-struct Access<'a> {
-    route: &'a Result<Route<'a>, ClassifyError>,
-    method: &'a Method,
-}
-
-impl Access<'_> {
-    fn operation(&self) -> &'static str {
-        match self.route {
-            Ok(Route::Legacy(c)) => c.operation.as_str(),
-            Ok(Route::TokenApi { operation, .. }) => operation.as_str(),
-            Ok(Route::PassThrough) => "pass_through",
-            Err(e) => e.operation.as_str(),
-        }
-    }
-
-    fn route_class(&self) -> &'static str {
-        match self.route {
-            Ok(Route::Legacy(_)) | Err(_) => "legacy",
-            Ok(Route::TokenApi { .. }) => "token_api",
-            Ok(Route::PassThrough) => "pass_through",
-        }
-    }
-
-    fn client_id(&self) -> &str {
-        match self.route {
-            Ok(r) => r.client_id().unwrap_or(""),
-            Err(_) => "",
-        }
-    }
-}
-
 impl Proxy {
-    /// A proxy forwarding to `upstream` with `settings`.
-    pub fn new(upstream: Upstream, settings: ProxySettings) -> Self {
+    /// A proxy forwarding to `upstream` with `settings`, recording into `metrics`.
+    pub fn new(upstream: Upstream, settings: ProxySettings, metrics: Arc<Metrics>) -> Self {
         Self {
-            inner: Arc::new(Inner { upstream, settings }),
+            inner: Arc::new(Inner {
+                upstream,
+                settings,
+                metrics,
+            }),
         }
     }
 
     /// Serves one request. Never fails: errors become the gateway's own GitHub-shaped answers.
-    /// Emits one access event (target `oauth_apps_gateway::access`) with method, route class,
-    /// operation, status, duration in seconds and client_id.
+    /// Records metrics and emits one access event (target `oauth_apps_gateway::access`) with
+    /// method, route class, operation, action, status, duration in seconds and client_id.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let Inner {
+            settings, metrics, ..
+        } = &*self.inner;
+        let _in_flight = metrics.request_started();
         let started = StdInstant::now();
         let method = req.method().clone();
         // A Uri clone shares its bytes; the route borrows from it while `req` moves on.
         let uri = req.uri().clone();
         let route = classify(&method, uri.path());
-        let result = match &route {
-            Ok(r) => self.forward(req, r).await,
-            Err(e) => Err(ProxyError::MalformedLegacy(*e)),
+
+        let (result, legacy) = match &route {
+            Err(e) => (
+                Err(ProxyError::MalformedLegacy(*e)),
+                Some((e.operation, LegacyAction::Malformed)),
+            ),
+            Ok(r @ Route::Legacy(call)) => {
+                let op = call.operation;
+                match settings.mode(op) {
+                    Mode::Reject => (
+                        Err(ProxyError::Gone {
+                            operation: op,
+                            replacement: replacement_of(call),
+                        }),
+                        Some((op, LegacyAction::Rejected)),
+                    ),
+                    Mode::Observe => (
+                        self.forward(req, r, None).await,
+                        Some((op, LegacyAction::Observed)),
+                    ),
+                    Mode::Rewrite => (
+                        self.forward(req, r, Some(call)).await,
+                        Some((op, LegacyAction::Rewritten)),
+                    ),
+                }
+            }
+            Ok(r) => (self.forward(req, r, None).await, None),
         };
-        let access = Access {
-            route: &route,
-            method: &method,
-        };
-        let resp = match result {
+
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
-                tracing::debug!(error = %e, operation = access.operation(), "answered by the gateway");
+                tracing::debug!(error = %e, "answered by the gateway");
                 e.into_response()
             }
         };
+        let client_id = route.as_ref().ok().and_then(Route::client_id);
+        if let Some((op, action)) = legacy {
+            if action == LegacyAction::Rewritten
+                && settings.status_compat
+                && resp.status() == StatusCode::UNPROCESSABLE_ENTITY
+            {
+                // The legacy contract never lists 422 and promises 404 for a bad token.
+                *resp.status_mut() = StatusCode::NOT_FOUND;
+                metrics.status_compat(op);
+            }
+            if let Some(d) = &settings.deprecation {
+                d.apply(resp.headers_mut());
+            }
+            metrics.deprecated_call(op, action, client_id);
+        }
+        let class = route.as_ref().map_or(RouteClass::Legacy, Route::class);
+        let elapsed = started.elapsed();
+        metrics.response(class, resp.status(), elapsed);
         tracing::info!(
             target: "oauth_apps_gateway::access",
-            method = %access.method,
-            route = access.route_class(),
-            operation = access.operation(),
+            method = %method,
+            route = class.as_str(),
+            operation = route_operation(&route),
+            action = legacy.map(|(_, a)| a.as_str()),
             status = resp.status().as_u16(),
-            duration_seconds = started.elapsed().as_secs_f64(),
-            client_id = %Escaped(access.client_id()),
+            duration_seconds = elapsed.as_secs_f64(),
+            client_id = %Escaped(client_id.unwrap_or("")),
         );
         resp
     }
 
+    /// Forwards a request: rewritten when `rewrite` names the legacy call, otherwise unchanged
+    /// but for query credentials and hop-by-hop headers.
     async fn forward(
         &self,
         req: Request<Incoming>,
         route: &Route<'_>,
+        rewrite: Option<&LegacyCall<'_>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let settings = &self.inner.settings;
-        let upstream = &self.inner.upstream;
+        let Inner {
+            upstream,
+            settings,
+            metrics,
+        } = &*self.inner;
         let (mut parts, body) = req.into_parts();
         let inbound_version = parts.version;
 
@@ -259,12 +324,18 @@ impl Proxy {
             None => QueryCredentials::default(),
         };
         if creds.removed_any() {
+            if creds.had_client_secret {
+                metrics.query_credential(CredentialKind::ClientSecret);
+            }
+            if creds.had_access_token {
+                metrics.query_credential(CredentialKind::AccessToken);
+            }
             move_query_credentials(&mut parts.headers, &creds, route)?;
         }
 
         // The new path and body for a legacy call; the original (minus credentials) otherwise.
-        let (path_and_query, rewritten_body) = match route {
-            Route::Legacy(call) => {
+        let (path_and_query, rewritten_body) = match rewrite {
+            Some(call) => {
                 let r = replace_legacy(call, creds.remaining.as_deref()).ok_or(
                     ProxyError::MalformedLegacy(ClassifyError {
                         operation: call.operation,
@@ -322,6 +393,40 @@ impl Proxy {
             parts,
             Either::Right(DeadlineBody::new(body, deadline)),
         ))
+    }
+}
+
+fn route_operation(route: &Result<Route<'_>, ClassifyError>) -> &'static str {
+    match route {
+        Ok(r) => r.operation().map_or("pass_through", Operation::as_str),
+        Err(e) => e.operation.as_str(),
+    }
+}
+
+/// `METHOD /path` of the replacement of a legacy call, for the 410 message. Holds the client_id
+/// segment as sent, never the token.
+fn replacement_of(call: &LegacyCall<'_>) -> String {
+    let (method, tail) = call.operation.replacement();
+    format!(
+        "{method} {}/applications/{}/{tail}",
+        call.prefix, call.client_id_segment
+    )
+}
+
+/// GitHub's documentation of each replacement endpoint.
+fn replacement_docs(op: Operation) -> &'static str {
+    match op {
+        Operation::Check => "https://docs.github.com/rest/apps/oauth-applications#check-a-token",
+        Operation::Reset => "https://docs.github.com/rest/apps/oauth-applications#reset-a-token",
+        Operation::RevokeToken => {
+            "https://docs.github.com/rest/apps/oauth-applications#delete-an-app-token"
+        }
+        Operation::RevokeGrant => {
+            "https://docs.github.com/rest/apps/oauth-applications#delete-an-app-authorization"
+        }
+        Operation::ScopeToken => {
+            "https://docs.github.com/rest/apps/apps#create-a-scoped-access-token"
+        }
     }
 }
 
@@ -469,6 +574,13 @@ mod tests {
             (ProxyError::InvalidQueryCredential(InvalidCredential), 400),
             (ProxyError::RequestBody, 400),
             (ProxyError::PayloadTooLarge { limit: 10 }, 413),
+            (
+                ProxyError::Gone {
+                    operation: Operation::Reset,
+                    replacement: "PATCH /applications/x/token".into(),
+                },
+                410,
+            ),
             (ProxyError::Upstream(FailureKind::Connect), 502),
             (ProxyError::Upstream(FailureKind::Tls), 502),
             (ProxyError::Upstream(FailureKind::Protocol), 502),

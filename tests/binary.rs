@@ -23,12 +23,13 @@ async fn binary_serves_and_drains_on_sigterm() {
     gh.add_app(CLIENT_ID, CLIENT_SECRET);
     let token = gh.issue_token(CLIENT_ID, "octocat");
     let port = free_port().await;
+    let admin_port = free_port().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n[upstream]\nurl = {:?}\n[log]\nformat = \"json\"\n",
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[upstream]\nurl = {:?}\n[log]\nformat = \"json\"\n",
             gh.url()
         ),
     )

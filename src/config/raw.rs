@@ -12,6 +12,8 @@ pub struct RawConfig {
     pub server: RawServer,
     pub upstream: RawUpstream,
     pub migration: RawMigration,
+    pub admin: RawAdmin,
+    pub metrics: RawMetrics,
     pub log: RawLog,
 }
 
@@ -63,13 +65,69 @@ impl Default for RawUpstream {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawMigration {
+    pub mode: String,
+    pub operations: RawOperations,
+    pub status_compat: bool,
     pub preview_accept: String,
+    pub deprecation_headers: bool,
+    pub deprecation_date: String,
+    pub deprecation_link: String,
+    pub sunset_date: Option<String>,
 }
 
 impl Default for RawMigration {
     fn default() -> Self {
         Self {
+            mode: "rewrite".into(),
+            operations: RawOperations::default(),
+            status_compat: true,
             preview_accept: "application/vnd.github.doctor-strange-preview+json".into(),
+            deprecation_headers: true,
+            deprecation_date: "2020-02-14".into(),
+            deprecation_link:
+                "https://developer.github.com/changes/2020-02-14-deprecating-oauth-app-endpoint/"
+                    .into(),
+            sunset_date: None,
+        }
+    }
+}
+
+/// `[migration.operations]`: per-operation mode overrides.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOperations {
+    pub check: Option<String>,
+    pub reset: Option<String>,
+    pub revoke_token: Option<String>,
+    pub revoke_grant: Option<String>,
+}
+
+/// `[admin]`: the admin listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+/// `[metrics]`: Prometheus series limits.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub max_client_ids: usize,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            max_client_ids: 1000,
         }
     }
 }

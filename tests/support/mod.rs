@@ -46,6 +46,7 @@ pub fn config_for(upstream_url: &str) -> Config {
 /// A gateway running in this process on 127.0.0.1:0.
 pub struct Gateway {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<DrainOutcome>>,
 }
@@ -54,18 +55,21 @@ impl Gateway {
     /// Starts a gateway with `config` (its `server.listen` is ignored).
     pub async fn start(config: Config) -> Gateway {
         let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let addr = proxy.local_addr().expect("addr");
+        let admin_addr = admin.local_addr().expect("admin addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let shutdown = async {
                 let _ = rx.await;
             };
-            app::run(config, Listeners { proxy }, shutdown)
+            app::run(config, Listeners { proxy, admin }, shutdown)
                 .await
                 .expect("gateway run")
         });
         Gateway {
             addr,
+            admin_addr,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -74,6 +78,11 @@ impl Gateway {
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://127.0.0.1:ADMIN_PORT`.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
     }
 
     /// Starts the drain and waits for it to end.

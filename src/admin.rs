@@ -1,0 +1,149 @@
+//! The admin listener's service: `GET /metrics` (Prometheus text format 0.0.4), `GET /livez`,
+//! `GET /readyz` (503 once draining starts) and `GET /legacy-clients` (the client_ids still
+//! making deprecated calls). Served only on `[admin] listen`, never on the proxy listener, and
+//! never forwards anything.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
+
+/// Whether the gateway takes new traffic: true while serving, false once draining starts.
+#[derive(Debug, Clone)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// A flag that starts ready.
+    pub fn new() -> Self {
+        Readiness(Arc::new(AtomicBool::new(true)))
+    }
+
+    /// Marks the gateway as draining: `/readyz` answers 503 from now on.
+    pub fn set_draining(&self) {
+        self.0.store(false, Ordering::Release);
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The admin endpoints.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+}
+
+impl Admin {
+    /// Endpoints reporting `metrics` and `readiness`.
+    pub fn new(metrics: Arc<Metrics>, readiness: Readiness) -> Self {
+        Admin { metrics, readiness }
+    }
+
+    /// Answers one admin request. `GET` and `HEAD` only; anything else is 404.
+    pub fn handle<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        }
+        match req.uri().path() {
+            "/metrics" => match self.metrics.encode() {
+                Ok(body) => with_type(StatusCode::OK, body.into(), TEXT_CONTENT_TYPE),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode metrics");
+                    text(StatusCode::INTERNAL_SERVER_ERROR, "metrics unavailable\n")
+                }
+            },
+            "/livez" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if self.readiness.is_ready() => text(StatusCode::OK, "ready\n"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            "/legacy-clients" => with_type(
+                StatusCode::OK,
+                self.metrics.legacy_clients_json().into(),
+                "application/json",
+            ),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    with_type(
+        status,
+        Bytes::from_static(body.as_bytes()),
+        "text/plain; charset=utf-8",
+    )
+}
+
+fn with_type(status: StatusCode, body: Bytes, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn admin() -> Admin {
+        let metrics = Metrics::new(crate::metrics::Registry::new(), 10).unwrap();
+        Admin::new(Arc::new(metrics), Readiness::new())
+    }
+
+    async fn get(a: &Admin, method: Method, path: &str) -> (StatusCode, String, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(())
+            .unwrap();
+        let resp = a.handle(&req);
+        let ct = resp.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, ct, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn routes() {
+        let a = admin();
+        let (s, ct, body) = get(&a, Method::GET, "/metrics").await;
+        assert_eq!(s, 200);
+        assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+        assert!(body.contains("oauth_apps_gateway_build_info"));
+        assert_eq!(get(&a, Method::GET, "/livez").await.0, 200);
+        assert_eq!(get(&a, Method::GET, "/readyz").await.0, 200);
+        let (s, ct, body) = get(&a, Method::GET, "/legacy-clients").await;
+        assert_eq!((s.as_u16(), ct.as_str()), (200, "application/json"));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["clients"],
+            serde_json::json!([])
+        );
+        assert_eq!(get(&a, Method::GET, "/").await.0, 404);
+        assert_eq!(
+            get(&a, Method::GET, "/applications/x/tokens/y").await.0,
+            404
+        );
+        assert_eq!(get(&a, Method::POST, "/metrics").await.0, 404);
+        a.readiness.set_draining();
+        assert_eq!(get(&a, Method::GET, "/readyz").await.0, 503);
+        assert_eq!(get(&a, Method::GET, "/livez").await.0, 200);
+    }
+}

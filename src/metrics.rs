@@ -1,0 +1,611 @@
+//! Prometheus metrics: names, help texts and label sets in one place, registered once into a
+//! registry the composition root creates and injects (no global registry). Label children are
+//! created up front, so recording on the request path is atomic increments, with no lock or
+//! allocation. The one exception is the per-client_id table for deprecated calls, a short
+//! mutex section taken only for legacy calls and bounded by `metrics.max_client_ids`. Labels
+//! never carry a token, an IP address or a raw path. The only user of the prometheus crate.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use prometheus::core::Collector;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    TextEncoder,
+};
+
+/// The registry every metric is registered into; the composition root creates one and hands
+/// it to [`Metrics::new`].
+pub use prometheus::Registry;
+use serde::Serialize;
+
+use crate::classify::{LEGACY_OPERATIONS, Operation, RouteClass};
+use crate::upstream::FailureKind;
+
+/// Every application metric name starts with this.
+pub const PREFIX: &str = "oauth_apps_gateway_";
+
+/// `Content-Type` of the text exposition format served at `/metrics`.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The label value under which client_ids past the cap are counted.
+pub const OTHER_CLIENT_ID: &str = "other";
+
+/// Longest client_id, in bytes, that gets its own series; GitHub's are 20 characters. Longer
+/// ones count as `other`, so a made-up id cannot make a huge label.
+const MAX_CLIENT_ID_BYTES: usize = 64;
+
+/// Latency buckets in seconds, up to the default request timeout (30 s).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// What the gateway did with a deprecated call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegacyAction {
+    /// Rewritten into the replacement form and forwarded (mode rewrite).
+    Rewritten,
+    /// Forwarded unchanged (mode observe).
+    Observed,
+    /// Answered 410 Gone by the gateway (mode reject).
+    Rejected,
+    /// Answered 400: empty or undecodable client_id or token in the path.
+    Malformed,
+}
+
+impl LegacyAction {
+    const ALL: [LegacyAction; 4] = [
+        LegacyAction::Rewritten,
+        LegacyAction::Observed,
+        LegacyAction::Rejected,
+        LegacyAction::Malformed,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LegacyAction::Rewritten => "rewritten",
+            LegacyAction::Observed => "observed",
+            LegacyAction::Rejected => "rejected",
+            LegacyAction::Malformed => "malformed",
+        }
+    }
+}
+
+/// A kind of deprecated query-parameter credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// `client_id` + `client_secret` (or a lone `client_secret`).
+    ClientSecret,
+    /// `access_token`.
+    AccessToken,
+}
+
+impl CredentialKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::ClientSecret => "client_secret",
+            CredentialKind::AccessToken => "access_token",
+        }
+    }
+}
+
+/// Why the metrics could not be set up or encoded.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+/// All gateway metrics. Shared behind an `Arc`; every method takes `&self`.
+pub struct Metrics {
+    registry: Registry,
+    deprecated_calls: [[IntCounter; 4]; 4],
+    query_credentials: [IntCounter; 2],
+    responses: IntCounterVec,
+    response_children: [Box<[OnceLock<IntCounter>]>; 3],
+    request_duration: [Histogram; 3],
+    upstream_duration: [Histogram; 3],
+    upstream_failures: [IntCounter; 4],
+    status_compat: [IntCounter; 4],
+    in_flight: IntGauge,
+    open_connections: IntGauge,
+    clients: LegacyClients,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+const ROUTES: [RouteClass; 3] = [
+    RouteClass::Legacy,
+    RouteClass::TokenApi,
+    RouteClass::PassThrough,
+];
+const FAILURES: [FailureKind; 4] = [
+    FailureKind::Connect,
+    FailureKind::Tls,
+    FailureKind::Timeout,
+    FailureKind::Protocol,
+];
+/// Status codes below this get a cached counter child; others (never seen from GitHub) are
+/// looked up in the vector.
+const CACHED_STATUS_END: u16 = 600;
+
+fn name(suffix: &str) -> String {
+    format!("{PREFIX}{suffix}")
+}
+
+fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> Result<C, MetricsError> {
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter_vec(
+    r: &Registry,
+    suffix: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
+    register(
+        r,
+        IntCounterVec::new(Opts::new(name(suffix), help), labels)?,
+    )
+}
+
+fn histogram_vec(r: &Registry, suffix: &str, help: &str) -> Result<HistogramVec, MetricsError> {
+    let opts = HistogramOpts::new(name(suffix), help).buckets(LATENCY_BUCKETS.to_vec());
+    register(r, HistogramVec::new(opts, &["route"])?)
+}
+
+impl Metrics {
+    /// Creates every metric and registers it, with the process collector (CPU seconds,
+    /// resident memory bytes, open fds) and `build_info`, into `registry`.
+    ///
+    /// # Errors
+    /// [`MetricsError`] when a name is already registered in `registry`.
+    pub fn new(registry: Registry, max_client_ids: usize) -> Result<Self, MetricsError> {
+        let r = &registry;
+        let deprecated = counter_vec(
+            r,
+            "deprecated_calls_total",
+            "Calls to the deprecated token-in-path OAuth Applications endpoints, by operation and what the gateway did.",
+            &["operation", "action"],
+        )?;
+        let deprecated_calls = LEGACY_OPERATIONS.map(|op| {
+            LegacyAction::ALL.map(|a| deprecated.with_label_values(&[op.as_str(), a.as_str()]))
+        });
+        let creds = counter_vec(
+            r,
+            "query_credentials_total",
+            "Deprecated query-parameter credentials removed from forwarded URLs (moved into Authorization unless the request had one), by kind.",
+            &["kind"],
+        )?;
+        let query_credentials = [CredentialKind::ClientSecret, CredentialKind::AccessToken]
+            .map(|k| creds.with_label_values(&[k.as_str()]));
+        let responses = counter_vec(
+            r,
+            "responses_total",
+            "Responses sent to clients, by route class (legacy, token_api, pass_through) and status code.",
+            &["route", "status"],
+        )?;
+        let cache = || {
+            (100..CACHED_STATUS_END)
+                .map(|_| OnceLock::new())
+                .collect::<Vec<_>>()
+                .into_boxed_slice()
+        };
+        let request = histogram_vec(
+            r,
+            "request_duration_seconds",
+            "Time from receiving a request to sending the response head, in seconds, by route class.",
+        )?;
+        let upstream = histogram_vec(
+            r,
+            "upstream_duration_seconds",
+            "Time from forwarding a request to receiving the upstream's response head, in seconds, by route class.",
+        )?;
+        let failures = counter_vec(
+            r,
+            "upstream_failures_total",
+            "Upstream exchanges that failed, by kind (connect, tls, timeout, protocol).",
+            &["kind"],
+        )?;
+        let compat = counter_vec(
+            r,
+            "status_compat_rewrites_total",
+            "422 answers to rewritten calls passed to the legacy client as 404 (migration.status_compat), by operation.",
+            &["operation"],
+        )?;
+        let in_flight = register(
+            r,
+            IntGauge::new(
+                name("in_flight_requests"),
+                "Requests being handled on the proxy listener.",
+            )?,
+        )?;
+        let open_connections = register(
+            r,
+            IntGauge::new(
+                name("open_connections"),
+                "Client connections open on the proxy listener.",
+            )?,
+        )?;
+        let build = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    name("build_info"),
+                    "Always 1; the version label names the running build.",
+                ),
+                &["version"],
+            )?,
+        )?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        let by_client = counter_vec(
+            r,
+            "deprecated_calls_by_client_total",
+            "Calls to the deprecated endpoints by client_id; ids beyond metrics.max_client_ids count as client_id=\"other\".",
+            &["client_id"],
+        )?;
+        Ok(Metrics {
+            deprecated_calls,
+            query_credentials,
+            responses,
+            response_children: [cache(), cache(), cache()],
+            request_duration: ROUTES.map(|c| request.with_label_values(&[c.as_str()])),
+            upstream_duration: ROUTES.map(|c| upstream.with_label_values(&[c.as_str()])),
+            upstream_failures: FAILURES.map(|k| failures.with_label_values(&[k.as_str()])),
+            status_compat: LEGACY_OPERATIONS.map(|op| compat.with_label_values(&[op.as_str()])),
+            in_flight,
+            open_connections,
+            clients: LegacyClients::new(by_client, max_client_ids),
+            registry,
+        })
+    }
+
+    /// Counts one deprecated call: by operation and action, and by client_id (bounded).
+    /// `client_id` is `None` for a malformed call whose client_id could not be read.
+    pub fn deprecated_call(&self, op: Operation, action: LegacyAction, client_id: Option<&str>) {
+        let Some(i) = op.legacy_index() else { return };
+        self.deprecated_calls[i][action as usize].inc();
+        if let Some(id) = client_id {
+            self.clients.record(id, i, SystemTime::now());
+        }
+    }
+
+    /// Counts a deprecated query-parameter credential removed from a URL.
+    pub fn query_credential(&self, kind: CredentialKind) {
+        self.query_credentials[kind as usize].inc();
+    }
+
+    /// Records a response sent: its route class, status and time to the response head.
+    pub fn response(&self, route: RouteClass, status: http::StatusCode, elapsed: Duration) {
+        let code = status.as_u16();
+        let counter = if (100..CACHED_STATUS_END).contains(&code) {
+            self.response_children[route as usize][usize::from(code - 100)].get_or_init(|| {
+                self.responses
+                    .with_label_values(&[route.as_str(), status.as_str()])
+            })
+        } else {
+            &self
+                .responses
+                .with_label_values(&[route.as_str(), status.as_str()])
+        };
+        counter.inc();
+        self.request_duration[route as usize].observe(elapsed.as_secs_f64());
+    }
+
+    /// Records the time the upstream took to answer with a response head.
+    pub fn upstream_answered(&self, route: RouteClass, elapsed: Duration) {
+        self.upstream_duration[route as usize].observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a failed upstream exchange.
+    pub fn upstream_failure(&self, kind: FailureKind) {
+        self.upstream_failures[kind as usize].inc();
+    }
+
+    /// Counts a 422 turned into 404 for a legacy client.
+    pub fn status_compat(&self, op: Operation) {
+        if let Some(i) = op.legacy_index() {
+            self.status_compat[i].inc();
+        }
+    }
+
+    /// Marks a request in flight until the guard drops.
+    pub fn request_started(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.in_flight)
+    }
+
+    /// Marks a proxy connection open until the guard drops.
+    pub fn connection_opened(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.open_connections)
+    }
+
+    /// Every registered metric in the Prometheus text format 0.0.4.
+    ///
+    /// # Errors
+    /// [`MetricsError`] when a collector yields an unencodable family (not expected).
+    pub fn encode(&self) -> Result<String, MetricsError> {
+        let mut out = String::new();
+        TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
+
+    /// The client_ids seen making deprecated calls, as JSON for `/legacy-clients`.
+    pub fn legacy_clients_json(&self) -> Vec<u8> {
+        self.clients.report_json()
+    }
+}
+
+/// Keeps a gauge incremented while alive.
+#[derive(Debug)]
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    fn new(g: &IntGauge) -> Self {
+        g.inc();
+        GaugeGuard(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Deprecated calls per client_id, bounded: the first `max` distinct ids get their own series
+/// and report entry; the rest share `other`.
+struct LegacyClients {
+    max: usize,
+    series: IntCounterVec,
+    table: Mutex<ClientTable>,
+}
+
+struct ClientTable {
+    by_id: HashMap<Box<str>, ClientEntry>,
+    other: Option<ClientEntry>,
+}
+
+struct ClientEntry {
+    calls: [u64; 4],
+    first_seen: SystemTime,
+    last_seen: SystemTime,
+    series: IntCounter,
+}
+
+impl ClientEntry {
+    fn new(series: IntCounter, now: SystemTime) -> Self {
+        ClientEntry {
+            calls: [0; 4],
+            first_seen: now,
+            last_seen: now,
+            series,
+        }
+    }
+
+    fn record(&mut self, op_index: usize, now: SystemTime) {
+        self.calls[op_index] += 1;
+        self.last_seen = self.last_seen.max(now);
+        self.series.inc();
+    }
+}
+
+#[derive(Serialize)]
+struct ClientReport<'a> {
+    client_id: &'a str,
+    calls: HashMap<&'static str, u64>,
+    total: u64,
+    first_seen: String,
+    last_seen: String,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    max_client_ids: usize,
+    clients: Vec<ClientReport<'a>>,
+    other: Option<ClientReport<'a>>,
+}
+
+impl LegacyClients {
+    fn new(series: IntCounterVec, max: usize) -> Self {
+        LegacyClients {
+            max,
+            series,
+            table: Mutex::new(ClientTable {
+                by_id: HashMap::new(),
+                other: None,
+            }),
+        }
+    }
+
+    fn record(&self, client_id: &str, op_index: usize, now: SystemTime) {
+        let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = t.by_id.get_mut(client_id) {
+            e.record(op_index, now);
+            return;
+        }
+        let admit = t.by_id.len() < self.max
+            && client_id.len() <= MAX_CLIENT_ID_BYTES
+            && client_id != OTHER_CLIENT_ID;
+        let entry = if admit {
+            let series = self.series.with_label_values(&[client_id]);
+            t.by_id
+                .entry(client_id.into())
+                .or_insert_with(|| ClientEntry::new(series, now))
+        } else {
+            let series = &self.series;
+            t.other.get_or_insert_with(|| {
+                ClientEntry::new(series.with_label_values(&[OTHER_CLIENT_ID]), now)
+            })
+        };
+        entry.record(op_index, now);
+    }
+
+    fn report_json(&self) -> Vec<u8> {
+        let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = |id, e: &ClientEntry| ClientReport {
+            client_id: id,
+            calls: LEGACY_OPERATIONS
+                .iter()
+                .zip(e.calls)
+                .map(|(op, n)| (op.as_str(), n))
+                .collect(),
+            total: e.calls.iter().sum(),
+            first_seen: humantime::format_rfc3339_seconds(e.first_seen).to_string(),
+            last_seen: humantime::format_rfc3339_seconds(e.last_seen).to_string(),
+        };
+        let mut clients: Vec<_> = t.by_id.iter().map(|(id, e)| entry(id, e)).collect();
+        clients.sort_by(|a, b| b.total.cmp(&a.total).then(a.client_id.cmp(b.client_id)));
+        let report = Report {
+            max_client_ids: self.max,
+            clients,
+            other: t.other.as_ref().map(|e| entry(OTHER_CLIENT_ID, e)),
+        };
+        serde_json::to_vec_pretty(&report).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(max: usize) -> Metrics {
+        Metrics::new(Registry::new(), max).unwrap()
+    }
+
+    fn line_value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn counts_show_up_with_their_labels() {
+        let m = metrics(10);
+        m.deprecated_call(Operation::Check, LegacyAction::Rewritten, Some("Iv1.a"));
+        m.deprecated_call(Operation::Check, LegacyAction::Rewritten, Some("Iv1.a"));
+        m.deprecated_call(
+            Operation::RevokeGrant,
+            LegacyAction::Rejected,
+            Some("Iv1.b"),
+        );
+        m.response(
+            RouteClass::Legacy,
+            http::StatusCode::OK,
+            Duration::from_millis(3),
+        );
+        m.response(
+            RouteClass::Legacy,
+            http::StatusCode::OK,
+            Duration::from_millis(3),
+        );
+        m.response(
+            RouteClass::PassThrough,
+            http::StatusCode::from_u16(799).unwrap(),
+            Duration::ZERO,
+        );
+        m.upstream_failure(FailureKind::Tls);
+        m.query_credential(CredentialKind::AccessToken);
+        let text = m.encode().unwrap();
+        let v = |s: &str| line_value(&text, s).unwrap_or_else(|| panic!("{s} missing:\n{text}"));
+        assert_eq!(
+            v(
+                "oauth_apps_gateway_deprecated_calls_total{action=\"rewritten\",operation=\"check\"}"
+            ),
+            2.0
+        );
+        assert_eq!(
+            v(
+                "oauth_apps_gateway_deprecated_calls_total{action=\"rejected\",operation=\"revoke_grant\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            v("oauth_apps_gateway_deprecated_calls_total{action=\"observed\",operation=\"reset\"}"),
+            0.0
+        );
+        assert_eq!(
+            v("oauth_apps_gateway_deprecated_calls_by_client_total{client_id=\"Iv1.a\"}"),
+            2.0
+        );
+        assert_eq!(
+            v("oauth_apps_gateway_responses_total{route=\"legacy\",status=\"200\"}"),
+            2.0
+        );
+        assert_eq!(
+            v("oauth_apps_gateway_responses_total{route=\"pass_through\",status=\"799\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("oauth_apps_gateway_request_duration_seconds_count{route=\"legacy\"}"),
+            2.0
+        );
+        assert_eq!(
+            v("oauth_apps_gateway_upstream_failures_total{kind=\"tls\"}"),
+            1.0
+        );
+        assert_eq!(
+            v("oauth_apps_gateway_query_credentials_total{kind=\"access_token\"}"),
+            1.0
+        );
+        assert_eq!(v("oauth_apps_gateway_build_info{version=\"0.1.0\"}"), 1.0);
+    }
+
+    #[test]
+    fn client_ids_past_the_cap_share_other() {
+        let m = metrics(2);
+        for id in ["a", "b", "c", "d", "a", &"x".repeat(65), "other"] {
+            m.deprecated_call(Operation::Reset, LegacyAction::Rewritten, Some(id));
+        }
+        let text = m.encode().unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("oauth_apps_gateway_deprecated_calls_by_client_total{"))
+            .count();
+        assert_eq!(series, 3, "{text}");
+        assert_eq!(
+            line_value(
+                &text,
+                "oauth_apps_gateway_deprecated_calls_by_client_total{client_id=\"other\"}"
+            ),
+            Some(4.0)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&m.legacy_clients_json()).unwrap();
+        assert_eq!(report["clients"].as_array().unwrap().len(), 2);
+        assert_eq!(report["clients"][0]["client_id"], "a");
+        assert_eq!(report["clients"][0]["calls"]["reset"], 2);
+        assert_eq!(report["other"]["total"], 4);
+    }
+
+    #[test]
+    fn gauge_guards_restore_the_gauge() {
+        let m = metrics(1);
+        let g1 = m.request_started();
+        let g2 = m.connection_opened();
+        let text = m.encode().unwrap();
+        assert_eq!(
+            line_value(&text, "oauth_apps_gateway_in_flight_requests"),
+            Some(1.0)
+        );
+        drop((g1, g2));
+        let text = m.encode().unwrap();
+        assert_eq!(
+            line_value(&text, "oauth_apps_gateway_in_flight_requests"),
+            Some(0.0)
+        );
+        assert_eq!(
+            line_value(&text, "oauth_apps_gateway_open_connections"),
+            Some(0.0)
+        );
+    }
+}
