@@ -101,6 +101,8 @@ pub async fn run(
     let readiness = Readiness::new();
     let proxy = Proxy::new(upstream, ProxySettings::from(&config), metrics.clone());
 
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let admin_addr = addr(&listeners.admin);
     let admin = Admin::new(metrics.clone(), readiness.clone());
     let admin_opts = ServeOptions {
         header_read_timeout: config.server.header_read_timeout,
@@ -127,10 +129,15 @@ pub async fn run(
         header_read_timeout: config.server.header_read_timeout,
         shutdown_grace: config.server.shutdown_grace,
     };
-    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let upstream_origin = format!(
+        "{}://{}",
+        config.upstream.url.scheme_str().unwrap_or("https"),
+        config.upstream.url.authority().map_or("", |a| a.as_str())
+    );
     tracing::info!(
         listen = %addr(&listeners.proxy),
-        upstream = %config.upstream.url,
+        admin = %admin_addr,
+        upstream = %upstream_origin,
         version = env!("CARGO_PKG_VERSION"),
         "oauth-apps-gateway serving"
     );
@@ -155,20 +162,33 @@ pub async fn run(
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C); on non-Unix systems, on Ctrl-C only.
+/// SIGHUP is logged and ignored (live reload is not implemented yet), rather than ending the
+/// process as its default action would.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(mut term), Ok(mut hup)) => loop {
                 tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                    _ = term.recv() => {
+                        tracing::info!("SIGTERM received");
+                        return;
+                    }
+                    _ = tokio::signal::ctrl_c() => {
+                        tracing::info!("SIGINT received");
+                        return;
+                    }
+                    _ = hup.recv() => {
+                        tracing::warn!("SIGHUP received: configuration reload is not supported yet; still serving with the loaded configuration");
+                    }
                 }
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the gateway")
+            },
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM/SIGHUP; only SIGINT stops the gateway")
             }
         }
     }

@@ -1,5 +1,8 @@
 //! The `oauth-apps-gateway` binary: parse the command line, load the config, set up logs, run.
-//! Exit codes: 0 success, 1 runtime failure (bind, upstream set-up), 2 invalid configuration.
+//! Exit codes: 0 stopped after a complete drain (or `--check-config` found the config valid);
+//! 1 runtime failure (a listener cannot be bound, the runtime cannot start) or a drain cut
+//! short by `server.shutdown_grace`; 2 invalid configuration (the file, a file it names such as
+//! `upstream.ca_file`, or `RUST_LOG`).
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +23,11 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        let log_filter = std::env::var("RUST_LOG").ok();
+        if let Err(e) = logging::subscriber(&config.log, log_filter.as_deref(), std::io::sink) {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
         return match app::check(&config) {
             Ok(()) => {
                 println!("{}: configuration is valid", cli.config.display());
@@ -55,7 +63,10 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "gateway failed");
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            match e {
+                app::AppError::Upstream(_) | app::AppError::Metrics(_) => ExitCode::from(2),
+                app::AppError::Bind { .. } => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -379,12 +379,17 @@ impl Proxy {
             )),
         };
 
-        let deadline = Instant::now() + settings.request_timeout;
+        let sent = Instant::now();
+        let deadline = sent + settings.request_timeout;
         let upstream_req = Request::from_parts(parts, body);
         let resp = upstream.send(upstream_req, deadline).await.map_err(|e| {
+            if let UpstreamError::Failed { kind, .. } = &e {
+                metrics.upstream_failure(*kind);
+            }
             log_upstream_error(&e, route);
             ProxyError::from_upstream(e, limit)
         })?;
+        metrics.upstream_answered(route.class(), sent.elapsed());
 
         let (mut parts, body) = resp.into_parts();
         remove_hop_by_hop(&mut parts.headers);

@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -23,9 +24,10 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// Connection-level settings of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
-    /// Longest wait for a complete HTTP/1 request head, in seconds.
+    /// Longest wait for the first byte of a new connection and for a complete HTTP/1 request
+    /// head (hyper also closes HTTP/1 keep-alive connections idle this long).
     pub header_read_timeout: Duration,
-    /// Longest wait for in-flight requests once shutdown starts, in seconds.
+    /// Longest wait for in-flight requests once shutdown starts.
     pub shutdown_grace: Duration,
 }
 
@@ -61,6 +63,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout);
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
 
@@ -79,12 +82,26 @@ where
         };
         // Small request/response messages: send them without Nagle delay.
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), make_service(peer))
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let service = make_service(peer);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let first_byte_timeout = opts.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // hyper's header timer starts at the first byte; a client that sends nothing at
+            // all is held to the same limit here.
+            let mut probe = [0u8; 1];
+            match tokio::time::timeout(first_byte_timeout, stream.peek(&mut probe)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return, // closed or failed before sending anything
+                Err(_) => {
+                    tracing::debug!("connection sent nothing within header_read_timeout; closed");
+                    return;
+                }
+            }
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 // Client resets, header timeouts and malformed requests end up here.
                 tracing::debug!(error = %e, "connection ended with an error");
             }

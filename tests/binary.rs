@@ -67,6 +67,20 @@ async fn binary_serves_and_drains_on_sigterm() {
     .await;
     assert_eq!(a.status, 200);
 
+    // SIGHUP does not stop it (reload is not implemented; the default action would kill it).
+    let hup = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = call_as_app(
+        Method::GET,
+        &format!("{url}/applications/{CLIENT_ID}/tokens/{token}"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "gateway stopped serving after SIGHUP");
+
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -96,7 +110,8 @@ async fn binary_serves_and_drains_on_sigterm() {
         .filter_map(|l| serde_json::from_str(l).ok())
         .filter(|v: &serde_json::Value| v["target"] == "oauth_apps_gateway::access")
         .collect();
-    assert_eq!(access.len(), 1, "{out}");
+    assert_eq!(access.len(), 2, "{out}");
+    assert!(out.contains("SIGHUP received"), "{out}");
     assert_eq!(access[0]["operation"], "check");
     assert_eq!(access[0]["status"], 200);
     assert_eq!(access[0]["client_id"], CLIENT_ID);

@@ -78,6 +78,18 @@ fn check_config_rejects_bad_files_naming_the_key() {
 }
 
 #[test]
+fn check_config_rejects_a_bad_rust_log() {
+    let out = Command::new(BIN)
+        .args(["--check-config", "--config"])
+        .arg(shipped())
+        .env("RUST_LOG", "oauth_apps_gateway=loud")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RUST_LOG"));
+}
+
+#[test]
 fn missing_config_file_is_reported() {
     let out = Command::new(BIN)
         .args(["--config", "/nonexistent/oauth-apps-gateway.toml"])

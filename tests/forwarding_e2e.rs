@@ -357,6 +357,16 @@ async fn slow_request_head_is_cut_by_the_header_read_timeout() {
     assert_eq!(gh.request_count(), 0);
 }
 
+#[tokio::test]
+async fn silent_connection_is_closed_after_the_header_read_timeout() {
+    let (_gh, gw) = setup_with(|c| c.server.header_read_timeout = Duration::from_millis(200)).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    // Not a single byte sent: the gateway must still hang up.
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "silent connection held open");
+}
+
 /// An upstream that answers its first request on a connection, then reads the second one and
 /// hangs up without answering. Returns its address and a counter of request heads received.
 async fn upstream_dropping_second_request()
