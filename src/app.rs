@@ -13,10 +13,14 @@ use tokio::net::TcpListener;
 
 use crate::admin::{Admin, Readiness};
 use crate::config::Config;
+use crate::limiter::{FailedChecks, LimiterClock};
 use crate::metrics::{Metrics, MetricsError, Registry};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{self, DrainOutcome, ServeOptions};
 use crate::upstream::{self, Upstream, UpstreamBuildError};
+
+/// How often the failed-check limiter drops recovered keys and reports its size, in seconds.
+const LIMITER_HOUSEKEEPING: Duration = Duration::from_secs(10);
 
 /// How long the admin listener waits for its own requests (a scrape) once the proxy has
 /// drained, in seconds.
@@ -92,6 +96,19 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<DrainOutcome, AppError> {
+    run_with_clock(config, listeners, shutdown, LimiterClock::monotonic()).await
+}
+
+/// [`run`], with the failed-check limiter on `clock` (tests pass a manual clock).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_clock(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    clock: LimiterClock,
+) -> Result<DrainOutcome, AppError> {
     upstream::install_crypto_provider();
     let upstream = Upstream::new(&config.upstream)?;
     let metrics = Arc::new(Metrics::new(
@@ -99,7 +116,26 @@ pub async fn run(
         config.metrics.max_client_ids,
     )?);
     let readiness = Readiness::new();
-    let proxy = Proxy::new(upstream, ProxySettings::from(&config), metrics.clone());
+    let limiter = config
+        .failed_checks
+        .enabled
+        .then(|| Arc::new(FailedChecks::new(&config.failed_checks, clock)));
+    let _housekeeping = limiter.clone().map(|limiter| {
+        let metrics = metrics.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIMITER_HOUSEKEEPING);
+            loop {
+                tick.tick().await;
+                metrics.failed_checks_tracked(limiter.housekeep());
+            }
+        }))
+    });
+    let proxy = Proxy::new(
+        upstream,
+        ProxySettings::from(&config),
+        metrics.clone(),
+        limiter,
+    );
 
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let admin_addr = addr(&listeners.admin);
@@ -141,14 +177,14 @@ pub async fn run(
         version = env!("CARGO_PKG_VERSION"),
         "oauth-apps-gateway serving"
     );
-    let make_service = move |_peer: SocketAddr| {
+    let make_service = move |peer: SocketAddr| {
         let proxy = proxy.clone();
         let connection = metrics.connection_opened();
         hyper::service::service_fn(move |req| {
             // The service lives as long as the connection; so does the gauge guard.
             let _connection = &connection;
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         })
     };
     let drain_signal = async {
@@ -194,5 +230,14 @@ pub async fn shutdown_signal() {
     }
     if tokio::signal::ctrl_c().await.is_ok() {
         tracing::info!("SIGINT received");
+    }
+}
+
+/// Aborts a background task when the gateway stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

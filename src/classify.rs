@@ -260,6 +260,20 @@ pub fn classify<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, Classif
     }
 }
 
+/// The client_id of any `[/api/v3]/applications/{client_id}/...` path with at least one segment
+/// after the id, percent-decoded; `None` for other paths or an empty or undecodable id.
+pub fn app_client_id(path: &str) -> Option<Cow<'_, str>> {
+    let rest = match path.strip_prefix(ENTERPRISE_PREFIX) {
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => path,
+    };
+    let (segment, tail) = rest.strip_prefix("/applications/")?.split_once('/')?;
+    if segment.is_empty() || tail.is_empty() {
+        return None;
+    }
+    decode(segment).filter(|id| !id.is_empty())
+}
+
 /// Percent-decodes one path segment; `None` when the bytes are not UTF-8.
 fn decode(segment: &str) -> Option<Cow<'_, str>> {
     percent_decode_str(segment).decode_utf8().ok()
@@ -452,6 +466,24 @@ mod tests {
             panic!("not legacy");
         };
         assert_eq!(call.client_id_segment, "a%2Eb");
+    }
+
+    #[test]
+    fn app_client_id_table() {
+        let cases = [
+            ("/applications/Iv1.a/token", Some("Iv1.a")),
+            ("/api/v3/applications/Iv1.a/grants/x", Some("Iv1.a")),
+            ("/applications/a%2Eb/hooks/1", Some("a.b")),
+            ("/applications/Iv1.a", None),
+            ("/applications/Iv1.a/", None),
+            ("/applications//token", None),
+            ("/applications/%FF/token", None),
+            ("/user", None),
+            ("/api/v3x/applications/a/token", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(app_client_id(path).as_deref(), want, "{path}");
+        }
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[metrics]`: Prometheus series limits.
     pub metrics: MetricsConfig,
+    /// `[failed_checks]`: the limiter of failed token checks.
+    pub failed_checks: FailedChecksConfig,
     /// `[log]`: tracing output.
     pub log: LogConfig,
 }
@@ -149,6 +151,29 @@ pub struct MetricsConfig {
     /// Distinct client_ids that get their own series and report entry
     /// (`metrics.max_client_ids`); later ones count under `client_id="other"`.
     pub max_client_ids: usize,
+}
+
+/// `[failed_checks]`: GCRA quotas on failed token operations, per client_id and per client IP.
+/// GitHub lets the token-check endpoint be called "without exceeding the normal rate limits for
+/// failed login attempts" (GitHub REST: Check a token), so the gateway limits failures itself.
+#[derive(Debug, Clone)]
+pub struct FailedChecksConfig {
+    /// Whether failures are limited at all (`failed_checks.enabled`).
+    pub enabled: bool,
+    /// Failures a client_id may make back to back (`failed_checks.client_id_burst`), at least 1.
+    pub client_id_burst: u32,
+    /// Time to regain one failure for a client_id (`failed_checks.client_id_replenish`).
+    pub client_id_replenish: Duration,
+    /// Failures a client IP may make back to back (`failed_checks.client_ip_burst`), at least 1.
+    pub client_ip_burst: u32,
+    /// Time to regain one failure for a client IP (`failed_checks.client_ip_replenish`).
+    pub client_ip_replenish: Duration,
+    /// Keys tracked per key kind, at most (`failed_checks.max_tracked_keys`); new keys past it
+    /// share one overflow bucket.
+    pub max_tracked_keys: usize,
+    /// Peers whose `X-Forwarded-For` is believed (`failed_checks.trusted_proxies`): CIDRs, or
+    /// single addresses.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// `[log]`: tracing output.
@@ -370,6 +395,29 @@ impl Config {
                 MAX_CLIENT_IDS_LIMIT,
             )?,
         };
+        let f = &raw.failed_checks;
+        let failed_checks = FailedChecksConfig {
+            enabled: f.enabled,
+            client_id_burst: at_least_one("failed_checks.client_id_burst", f.client_id_burst)?,
+            client_id_replenish: parse_duration(
+                "failed_checks.client_id_replenish",
+                &f.client_id_replenish,
+                false,
+            )?,
+            client_ip_burst: at_least_one("failed_checks.client_ip_burst", f.client_ip_burst)?,
+            client_ip_replenish: parse_duration(
+                "failed_checks.client_ip_replenish",
+                &f.client_ip_replenish,
+                false,
+            )?,
+            max_tracked_keys: positive("failed_checks.max_tracked_keys", f.max_tracked_keys as u64)?
+                as usize,
+            trusted_proxies: f
+                .trusted_proxies
+                .iter()
+                .map(|v| parse_cidr("failed_checks.trusted_proxies", v))
+                .collect::<Result<_, _>>()?,
+        };
         let log = LogConfig {
             format: match raw.log.format.as_str() {
                 "json" => LogFormat::Json,
@@ -390,6 +438,7 @@ impl Config {
             migration,
             admin,
             metrics,
+            failed_checks,
             log,
         })
     }
@@ -500,6 +549,28 @@ fn at_most(key: &'static str, value: usize, limit: usize) -> Result<usize, Confi
         ));
     }
     Ok(value)
+}
+
+fn at_least_one(key: &'static str, value: u32) -> Result<u32, ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, value.to_string(), "a number of at least 1"));
+    }
+    Ok(value)
+}
+
+/// A CIDR (`10.0.0.0/8`, `fd00::/8`) or a single address (taken as /32 or /128).
+fn parse_cidr(key: &'static str, value: &str) -> Result<ipnet::IpNet, ConfigError> {
+    value
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| {
+            invalid(
+                key,
+                quoted(value),
+                "a CIDR such as \"10.0.0.0/8\" or \"fd00::/8\", or a single IP address",
+            )
+        })
 }
 
 fn parse_mode(key: &'static str, value: &str) -> Result<Mode, ConfigError> {
@@ -639,6 +710,28 @@ mod tests {
         assert_eq!(c.migration.deprecation.sunset, None);
         assert_eq!(c.admin.listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.metrics.max_client_ids, 1000);
+        let f = &c.failed_checks;
+        assert!(f.enabled);
+        assert_eq!((f.client_id_burst, f.client_ip_burst), (10, 30));
+        assert_eq!(f.client_id_replenish, Duration::from_secs(6));
+        assert_eq!(f.client_ip_replenish, Duration::from_secs(2));
+        assert_eq!(f.max_tracked_keys, 100_000);
+        assert!(f.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn trusted_proxies_accept_cidrs_and_addresses() {
+        let c = Config::from_toml_str(
+            "[failed_checks]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.7\", \"fd00::1/8\"]\n",
+        )
+        .unwrap();
+        let nets: Vec<String> = c
+            .failed_checks
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]);
     }
 
     #[test]
@@ -785,6 +878,26 @@ mod tests {
             (
                 "[metrics]\nmax_client_ids = 100001",
                 &["metrics.max_client_ids", "100001", "0 to 100000"],
+            ),
+            (
+                "[failed_checks]\nclient_id_burst = 0",
+                &["failed_checks.client_id_burst", "0", "at least 1"],
+            ),
+            (
+                "[failed_checks]\nclient_ip_replenish = \"0s\"",
+                &[
+                    "failed_checks.client_ip_replenish",
+                    "\"0s\"",
+                    "greater than zero",
+                ],
+            ),
+            (
+                "[failed_checks]\nmax_tracked_keys = 0",
+                &["failed_checks.max_tracked_keys", "0"],
+            ),
+            (
+                "[failed_checks]\ntrusted_proxies = [\"10.0.0.0/33\"]",
+                &["failed_checks.trusted_proxies", "\"10.0.0.0/33\"", "CIDR"],
             ),
             (
                 "[log]\nformat = \"xml\"",

@@ -11,6 +11,7 @@
 //!   `Authorization`.
 //! - [`headers`]: pure; hop-by-hop removal and `Accept` media-type merging.
 //! - [`proxy`]: the request flow and the one error -> status mapping.
+//! - [`limiter`]: GCRA quotas on failed token operations (the only governor user).
 //! - [`upstream`]: the pooled HTTPS client to the upstream and its failure kinds.
 //! - [`body`]: response body types (deadline-bounded upstream body).
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful drain.
@@ -27,6 +28,7 @@ pub mod body;
 pub mod classify;
 pub mod config;
 pub mod headers;
+pub mod limiter;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

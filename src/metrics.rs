@@ -21,6 +21,7 @@ pub use prometheus::Registry;
 use serde::Serialize;
 
 use crate::classify::{LEGACY_OPERATIONS, Operation, RouteClass};
+use crate::limiter::KeyKind;
 use crate::upstream::FailureKind;
 
 /// Every application metric name starts with this.
@@ -110,6 +111,9 @@ pub struct Metrics {
     status_compat: [IntCounter; 4],
     in_flight: IntGauge,
     open_connections: IntGauge,
+    failed_checks: [IntCounter; 2],
+    failed_checks_rejected: [IntCounter; 2],
+    failed_checks_tracked: [IntGauge; 2],
     clients: LegacyClients,
 }
 
@@ -119,6 +123,7 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+const KEY_KINDS: [KeyKind; 2] = [KeyKind::ClientId, KeyKind::ClientIp];
 const ROUTES: [RouteClass; 3] = [
     RouteClass::Legacy,
     RouteClass::TokenApi,
@@ -207,7 +212,7 @@ impl Metrics {
             "upstream_duration_seconds",
             "Time from forwarding a request to receiving the upstream's response head, in seconds, by route class.",
         )?;
-        let failures = counter_vec(
+        let upstream_failures = counter_vec(
             r,
             "upstream_failures_total",
             "Upstream exchanges that failed, by kind (connect, tls, timeout, protocol).",
@@ -231,6 +236,28 @@ impl Metrics {
             IntGauge::new(
                 name("open_connections"),
                 "Client connections open on the proxy listener.",
+            )?,
+        )?;
+        let failures = counter_vec(
+            r,
+            "failed_checks_total",
+            "Failed token operations (404/422, or 401 on /applications/{client_id}/...) charged to the limiter, by key kind.",
+            &["key_kind"],
+        )?;
+        let rejected = counter_vec(
+            r,
+            "failed_checks_rejected_total",
+            "Token operations answered 429 by the gateway because a key's quota of failures was spent, by key kind.",
+            &["key_kind"],
+        )?;
+        let tracked = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    name("failed_checks_tracked_keys"),
+                    "Keys the failed-check limiter tracks, by key kind.",
+                ),
+                &["key_kind"],
             )?,
         )?;
         let build = register(
@@ -262,10 +289,13 @@ impl Metrics {
             response_children: [cache(), cache(), cache()],
             request_duration: ROUTES.map(|c| request.with_label_values(&[c.as_str()])),
             upstream_duration: ROUTES.map(|c| upstream.with_label_values(&[c.as_str()])),
-            upstream_failures: FAILURES.map(|k| failures.with_label_values(&[k.as_str()])),
+            upstream_failures: FAILURES.map(|k| upstream_failures.with_label_values(&[k.as_str()])),
             status_compat: LEGACY_OPERATIONS.map(|op| compat.with_label_values(&[op.as_str()])),
             in_flight,
             open_connections,
+            failed_checks: KEY_KINDS.map(|k| failures.with_label_values(&[k.as_str()])),
+            failed_checks_rejected: KEY_KINDS.map(|k| rejected.with_label_values(&[k.as_str()])),
+            failed_checks_tracked: KEY_KINDS.map(|k| tracked.with_label_values(&[k.as_str()])),
             clients: LegacyClients::new(by_client, max_client_ids),
             registry,
         })
@@ -318,6 +348,23 @@ impl Metrics {
         if let Some(i) = op.legacy_index() {
             self.status_compat[i].inc();
         }
+    }
+
+    /// Counts a failure charged to a key of `kind`.
+    pub fn failed_check(&self, kind: KeyKind) {
+        self.failed_checks[kind as usize].inc();
+    }
+
+    /// Counts a 429 answered because a key of `kind` had spent its quota.
+    pub fn failed_check_rejected(&self, kind: KeyKind) {
+        self.failed_checks_rejected[kind as usize].inc();
+    }
+
+    /// Sets how many keys the limiter tracks: `(client_id, client_ip)`.
+    pub fn failed_checks_tracked(&self, (ids, ips): (usize, usize)) {
+        let set = |g: &IntGauge, n: usize| g.set(i64::try_from(n).unwrap_or(i64::MAX));
+        set(&self.failed_checks_tracked[KeyKind::ClientId as usize], ids);
+        set(&self.failed_checks_tracked[KeyKind::ClientIp as usize], ips);
     }
 
     /// Marks a request in flight until the guard drops.

@@ -5,6 +5,7 @@
 //! string or raw path.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
@@ -18,10 +19,11 @@ use tokio::time::Instant;
 
 use crate::body::{DeadlineBody, ProxyBody};
 use crate::classify::{
-    ClassifyError, LegacyCall, Malformed, Operation, Route, RouteClass, classify,
+    ClassifyError, LegacyCall, Malformed, Operation, Route, RouteClass, app_client_id, classify,
 };
 use crate::config::{Config, Mode, OperationModes};
 use crate::headers::{DeprecationHeaders, add_accept_media_type, remove_hop_by_hop};
+use crate::limiter::{Blocked, FailedChecks, KeyKind};
 use crate::metrics::{CredentialKind, LegacyAction, Metrics};
 use crate::rewrite::{InvalidCredential, QueryCredentials, replace_legacy, take_query_credentials};
 use crate::upstream::{FailureKind, Upstream, UpstreamError};
@@ -88,6 +90,7 @@ struct Inner {
     upstream: Upstream,
     settings: ProxySettings,
     metrics: Arc<Metrics>,
+    limiter: Option<Arc<FailedChecks>>,
 }
 
 impl fmt::Debug for Proxy {
@@ -117,6 +120,9 @@ pub enum ProxyError {
     /// The client's request body could not be read: 400.
     #[error("request body could not be read")]
     RequestBody,
+    /// A token operation from a key whose quota of failures is spent: 429 with `Retry-After`.
+    #[error("too many failed token operations ({})", .0.kind.as_str())]
+    TooManyFailures(Blocked),
     /// A legacy operation switched off by mode `reject`: 410, naming the replacement.
     #[error("legacy {operation} rejected by configuration")]
     Gone {
@@ -138,6 +144,7 @@ impl From<&ProxyError> for StatusCode {
             | ProxyError::RequestBody => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Gone { .. } => StatusCode::GONE,
+            ProxyError::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Upstream(FailureKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -161,6 +168,14 @@ impl ProxyError {
                 format!("Request body too large: the gateway accepts at most {limit} bytes.")
             }
             ProxyError::RequestBody => "Bad request: the request body could not be read.".into(),
+            ProxyError::TooManyFailures(b) => format!(
+                "Too many failed token checks from this {}. Retry after {} seconds.",
+                match b.kind {
+                    KeyKind::ClientId => "client_id",
+                    KeyKind::ClientIp => "client address",
+                },
+                b.retry_after_secs()
+            ),
             ProxyError::Gone { replacement, .. } => format!(
                 "Gone: this deprecated endpoint is switched off. Use {replacement} with the token in a JSON body: {{\"access_token\": \"...\"}}."
             ),
@@ -202,18 +217,31 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
+        if let ProxyError::TooManyFailures(b) = &self {
+            // Whole seconds (RFC 9110 §10.2.3). No x-ratelimit-* headers: clients read those
+            // as GitHub's own quota.
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(b.retry_after_secs()));
+        }
         resp
     }
 }
 
 impl Proxy {
-    /// A proxy forwarding to `upstream` with `settings`, recording into `metrics`.
-    pub fn new(upstream: Upstream, settings: ProxySettings, metrics: Arc<Metrics>) -> Self {
+    /// A proxy forwarding to `upstream` with `settings`, recording into `metrics`, and limiting
+    /// failed token operations with `limiter` (`None` when `failed_checks.enabled` is false).
+    pub fn new(
+        upstream: Upstream,
+        settings: ProxySettings,
+        metrics: Arc<Metrics>,
+        limiter: Option<Arc<FailedChecks>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 upstream,
                 settings,
                 metrics,
+                limiter,
             }),
         }
     }
@@ -221,7 +249,8 @@ impl Proxy {
     /// Serves one request. Never fails: errors become the gateway's own GitHub-shaped answers.
     /// Records metrics and emits one access event (target `oauth_apps_gateway::access`) with
     /// method, route class, operation, action, status, duration in seconds and client_id.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// `peer` is the TCP peer: the client, unless a trusted proxy forwarded the call.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let Inner {
             settings, metrics, ..
         } = &*self.inner;
@@ -248,16 +277,16 @@ impl Proxy {
                         Some((op, LegacyAction::Rejected)),
                     ),
                     Mode::Observe => (
-                        self.forward(req, r, None).await,
+                        self.forward_limited(req, r, None, peer).await,
                         Some((op, LegacyAction::Observed)),
                     ),
                     Mode::Rewrite => (
-                        self.forward(req, r, Some(call)).await,
+                        self.forward_limited(req, r, Some(call), peer).await,
                         Some((op, LegacyAction::Rewritten)),
                     ),
                 }
             }
-            Ok(r) => (self.forward(req, r, None).await, None),
+            Ok(r) => (self.forward_limited(req, r, None, peer).await, None),
         };
 
         let mut resp = match result {
@@ -298,6 +327,65 @@ impl Proxy {
         resp
     }
 
+    /// Forwards a request under the failed-check limiter: a token operation from a key whose
+    /// quota is spent is answered 429 without reaching the upstream; a failure the upstream
+    /// answers (404 or 422 to a token operation, 401 to any `/applications/{client_id}/...`
+    /// call) is charged to the client_id and the client IP after the fact.
+    async fn forward_limited(
+        &self,
+        req: Request<Incoming>,
+        route: &Route<'_>,
+        rewrite: Option<&LegacyCall<'_>>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Inner {
+            metrics, limiter, ..
+        } = &*self.inner;
+        let Some(limiter) = limiter else {
+            return self.forward(req, route, rewrite).await;
+        };
+        let token_operation = route.operation().is_some();
+        let app_id = match route {
+            Route::PassThrough => app_client_id(req.uri().path()).map(|id| id.into_owned()),
+            r => r.client_id().map(str::to_owned),
+        };
+        if !token_operation && app_id.is_none() {
+            return self.forward(req, route, rewrite).await;
+        }
+        let client_ip = limiter.client_ip(peer.ip(), req.headers());
+        if token_operation && let Some(blocked) = limiter.check(app_id.as_deref(), client_ip) {
+            metrics.failed_check_rejected(blocked.kind);
+            tracing::info!(
+                key_kind = blocked.kind.as_str(),
+                client_id = %Escaped(app_id.as_deref().unwrap_or("")),
+                retry_after_seconds = blocked.retry_after_secs(),
+                "failed-check quota spent; answered 429"
+            );
+            return Err(ProxyError::TooManyFailures(blocked));
+        }
+        let resp = self.forward(req, route, rewrite).await?;
+        let status = resp.status();
+        let failure = status == StatusCode::UNAUTHORIZED
+            || (token_operation
+                && (status == StatusCode::NOT_FOUND || status == StatusCode::UNPROCESSABLE_ENTITY));
+        if failure {
+            let spent = limiter.charge(app_id.as_deref(), client_ip);
+            if app_id.is_some() {
+                metrics.failed_check(KeyKind::ClientId);
+            }
+            metrics.failed_check(KeyKind::ClientIp);
+            metrics.failed_checks_tracked(limiter.tracked());
+            for kind in spent.into_iter().flatten() {
+                tracing::info!(
+                    key_kind = kind.as_str(),
+                    client_id = %Escaped(app_id.as_deref().unwrap_or("")),
+                    "failed-check quota spent"
+                );
+            }
+        }
+        Ok(resp)
+    }
+
     /// Forwards a request: rewritten when `rewrite` names the legacy call, otherwise unchanged
     /// but for query credentials and hop-by-hop headers.
     async fn forward(
@@ -310,6 +398,7 @@ impl Proxy {
             upstream,
             settings,
             metrics,
+            ..
         } = &*self.inner;
         let (mut parts, body) = req.into_parts();
         let inbound_version = parts.version;

@@ -14,6 +14,7 @@ pub struct RawConfig {
     pub migration: RawMigration,
     pub admin: RawAdmin,
     pub metrics: RawMetrics,
+    pub failed_checks: RawFailedChecks,
     pub log: RawLog,
 }
 
@@ -128,6 +129,33 @@ impl Default for RawMetrics {
     fn default() -> Self {
         Self {
             max_client_ids: 1000,
+        }
+    }
+}
+
+/// `[failed_checks]`: the limiter of failed token checks.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawFailedChecks {
+    pub enabled: bool,
+    pub client_id_burst: u32,
+    pub client_id_replenish: String,
+    pub client_ip_burst: u32,
+    pub client_ip_replenish: String,
+    pub max_tracked_keys: usize,
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for RawFailedChecks {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            client_id_burst: 10,
+            client_id_replenish: "6s".into(),
+            client_ip_burst: 30,
+            client_ip_replenish: "2s".into(),
+            max_tracked_keys: 100_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
