@@ -16,6 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use oauth_apps_gateway::app::{self, Listeners};
 use oauth_apps_gateway::config::Config;
+use oauth_apps_gateway::limiter::LimiterClock;
 use oauth_apps_gateway::server::DrainOutcome;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -54,6 +55,11 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway with `config` (its `server.listen` is ignored).
     pub async fn start(config: Config) -> Gateway {
+        Self::start_with_clock(config, LimiterClock::monotonic()).await
+    }
+
+    /// As [`Gateway::start`], with the failed-check limiter on `clock`.
+    pub async fn start_with_clock(config: Config, clock: LimiterClock) -> Gateway {
         let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let addr = proxy.local_addr().expect("addr");
@@ -63,7 +69,7 @@ impl Gateway {
             let shutdown = async {
                 let _ = rx.await;
             };
-            app::run(config, Listeners { proxy, admin }, shutdown)
+            app::run_with_clock(config, Listeners { proxy, admin }, shutdown, clock)
                 .await
                 .expect("gateway run")
         });
