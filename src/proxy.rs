@@ -277,16 +277,20 @@ impl Proxy {
                         Some((op, LegacyAction::Rejected)),
                     ),
                     Mode::Observe => (
-                        self.forward_limited(req, r, None, peer).await,
+                        self.forward_limited(req, r, None, peer, uri.path()).await,
                         Some((op, LegacyAction::Observed)),
                     ),
                     Mode::Rewrite => (
-                        self.forward_limited(req, r, Some(call), peer).await,
+                        self.forward_limited(req, r, Some(call), peer, uri.path())
+                            .await,
                         Some((op, LegacyAction::Rewritten)),
                     ),
                 }
             }
-            Ok(r) => (self.forward_limited(req, r, None, peer).await, None),
+            Ok(r) => (
+                self.forward_limited(req, r, None, peer, uri.path()).await,
+                None,
+            ),
         };
 
         let mut resp = match result {
@@ -337,6 +341,7 @@ impl Proxy {
         route: &Route<'_>,
         rewrite: Option<&LegacyCall<'_>>,
         peer: SocketAddr,
+        path: &str,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let Inner {
             metrics, limiter, ..
@@ -346,8 +351,8 @@ impl Proxy {
         };
         let token_operation = route.operation().is_some();
         let app_id = match route {
-            Route::PassThrough => app_client_id(req.uri().path()).map(|id| id.into_owned()),
-            r => r.client_id().map(str::to_owned),
+            Route::PassThrough => app_client_id(path),
+            r => r.client_id().map(std::borrow::Cow::Borrowed),
         };
         if !token_operation && app_id.is_none() {
             return self.forward(req, route, rewrite).await;
