@@ -13,8 +13,8 @@ use http::Method;
 use oauth_apps_gateway::config::Config;
 use oauth_apps_gateway::limiter::LimiterClock;
 use support::{
-    Answer, CLIENT_ID, CLIENT_SECRET, FakeGithub, Gateway, basic_auth, call, config_for,
-    http1_client,
+    Answer, CLIENT_ID, CLIENT_SECRET, FakeGithub, Gateway, basic_auth, call, config_for, get,
+    http1_client, scrape,
 };
 
 struct Setup {
@@ -67,26 +67,6 @@ fn basic(id: &str, secret: &str) -> String {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
     )
-}
-
-async fn scrape(gw: &Gateway) -> HashMap<String, f64> {
-    let a = call(
-        &http1_client(),
-        Method::GET,
-        &format!("{}/metrics", gw.admin_url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
-    std::str::from_utf8(&a.body)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
 }
 
 #[tokio::test]
@@ -283,14 +263,7 @@ async fn wrong_client_secret_401s_count_and_other_calls_are_not_limited() {
         "guessed secret must not revoke"
     );
     // Calls that are not token operations pass, blocked key or not.
-    let a = call(
-        &http1_client(),
-        Method::GET,
-        &format!("{}/headers", s.gw.url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let a = get(&format!("{}/headers", s.gw.url())).await;
     assert_eq!(a.status, 200);
 }
 

@@ -6,14 +6,13 @@ mod support;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Method;
 use http_body_util::BodyExt;
 use oauth_apps_gateway::server::DrainOutcome;
 use support::tls::TestPki;
 use support::{
-    CLIENT_ID, CLIENT_SECRET, FakeGithub, Gateway, call, call_as_app, config_for, http1_client,
-    setup, setup_with,
+    CLIENT_ID, CLIENT_SECRET, FakeGithub, Gateway, call, call_as_app, config_for, get,
+    http1_client, open_stream, setup, setup_with,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -100,14 +99,7 @@ async fn response_body_is_streamed_not_buffered() {
     // /slow-body sends its head and one chunk, then stalls: a buffering proxy would never
     // deliver that chunk.
     let (_gh, gw) = setup().await;
-    let resp = http1_client()
-        .request(
-            http::Request::get(format!("{}/slow-body", gw.url()))
-                .body(http_body_util::Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open_stream(&format!("{}/slow-body", gw.url())).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
@@ -121,13 +113,10 @@ async fn response_body_is_streamed_not_buffered() {
 #[tokio::test]
 async fn streamed_response_arrives_whole() {
     let (_gh, gw) = setup().await;
-    let a = call(
-        &http1_client(),
-        Method::GET,
-        &format!("{}/stream?chunks=40&size=8192&delay_ms=1", gw.url()),
-        &[],
-        Bytes::new(),
-    )
+    let a = get(&format!(
+        "{}/stream?chunks=40&size=8192&delay_ms=1",
+        gw.url()
+    ))
     .await;
     assert_eq!(a.status, 200);
     assert_eq!(a.body.len(), 40 * 8192);
@@ -210,14 +199,7 @@ async fn upstream_that_never_answers_gives_504() {
 #[tokio::test]
 async fn response_body_outliving_the_deadline_is_cut() {
     let (_gh, gw) = setup_with(|c| c.server.request_timeout = Duration::from_millis(300)).await;
-    let resp = http1_client()
-        .request(
-            http::Request::get(format!("{}/slow-body", gw.url()))
-                .body(http_body_util::Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open_stream(&format!("{}/slow-body", gw.url())).await;
     assert_eq!(resp.status(), 200);
     let collected = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
         .await
@@ -265,17 +247,11 @@ async fn upstream_certificate_from_unknown_ca_gives_502() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_the_in_flight_request() {
     let (_gh, mut gw) = setup_with(|c| c.server.shutdown_grace = Duration::from_secs(20)).await;
-    let resp = http1_client()
-        .request(
-            http::Request::get(format!(
-                "{}/stream?chunks=6&size=1000&delay_ms=150",
-                gw.url()
-            ))
-            .body(http_body_util::Full::new(Bytes::new()))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open_stream(&format!(
+        "{}/stream?chunks=6&size=1000&delay_ms=150",
+        gw.url()
+    ))
+    .await;
     assert_eq!(resp.status(), 200);
     // The response is under way: stop the gateway now.
     let addr = gw.addr;
@@ -303,14 +279,7 @@ async fn graceful_shutdown_finishes_the_in_flight_request() {
 #[tokio::test]
 async fn drain_reports_a_grace_period_that_ran_out() {
     let (_gh, mut gw) = setup_with(|c| c.server.shutdown_grace = Duration::from_millis(200)).await;
-    let resp = http1_client()
-        .request(
-            http::Request::get(format!("{}/slow-body", gw.url()))
-                .body(http_body_util::Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open_stream(&format!("{}/slow-body", gw.url())).await;
     assert_eq!(resp.status(), 200);
     let outcome = gw.begin_shutdown().unwrap();
     assert_eq!(outcome.await.unwrap(), DrainOutcome::TimedOut);

@@ -13,7 +13,9 @@ use bytes::Bytes;
 use http::Method;
 use oauth_apps_gateway::config::{LogConfig, LogFormat};
 use oauth_apps_gateway::logging;
-use support::{CLIENT_ID, CLIENT_SECRET, basic_auth, call, h2c_client, http1_client, setup_with};
+use support::{
+    CLIENT_ID, CLIENT_SECRET, basic_auth, call, get, h2c_client, http1_client, setup_with,
+};
 use tracing::level_filters::LevelFilter;
 
 /// Collects everything the subscriber writes.
@@ -152,23 +154,9 @@ async fn exercise_everything() -> Vec<String> {
     // access_token as a query parameter on a pass-through call, and a 504.
     let user_token = "gho_user_token_in_query_1234567890";
     secrets.push(user_token.to_owned());
-    let a = call(
-        &h1,
-        Method::GET,
-        &format!("{}/headers?access_token={user_token}", gw.url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let a = get(&format!("{}/headers?access_token={user_token}", gw.url())).await;
     assert_eq!(a.status, 200);
-    let a = call(
-        &h1,
-        Method::GET,
-        &format!("{}/slow?access_token={user_token}", gw.url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let a = get(&format!("{}/slow?access_token={user_token}", gw.url())).await;
     assert_eq!(a.status, 504);
     gw.shutdown().await;
     secrets

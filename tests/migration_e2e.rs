@@ -15,7 +15,8 @@ use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use oauth_apps_gateway::config::{Config, Mode};
 use support::{
-    CLIENT_ID, Gateway, basic_auth, call, call_as_app, config_for, http1_client, setup, setup_with,
+    CLIENT_ID, Gateway, basic_auth, call, call_as_app, config_for, get, http1_client, open_stream,
+    scrape, setup, setup_with,
 };
 
 const DEPRECATION: &str = "@1581638400";
@@ -44,30 +45,6 @@ fn assert_deprecation_headers(a: &support::Answer, what: &str) {
         .map(|v| v.to_str().unwrap())
         .collect();
     assert!(links.contains(&LINK), "{what}: {links:?}");
-}
-
-/// The admin scrape as `series -> value`, series written as in the exposition format.
-async fn scrape(gw: &Gateway) -> HashMap<String, f64> {
-    let a = call(
-        &http1_client(),
-        Method::GET,
-        &format!("{}/metrics", gw.admin_url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
-    assert_eq!(a.status, 200);
-    parse_metrics(std::str::from_utf8(&a.body).unwrap())
-}
-
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
 }
 
 fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
@@ -351,36 +328,15 @@ async fn metrics_after_a_known_mix_of_traffic() {
     let base = format!("{}/applications/{CLIENT_ID}", gw.url());
     // 2 checks (200, 404), 1 reset (200), 1 malformed (400), 1 rejected grant (410),
     // 1 new-form check (200), 2 pass-through (/headers 200 with query credentials, /nope 404).
-    assert_eq!(
-        call_as_app(Method::GET, &format!("{base}/tokens/{t1}"))
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        call_as_app(Method::GET, &format!("{base}/tokens/gho_bad"))
-            .await
-            .status,
-        404
-    );
-    assert_eq!(
-        call_as_app(Method::POST, &format!("{base}/tokens/{t1}"))
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        call_as_app(Method::GET, &format!("{base}/tokens/"))
-            .await
-            .status,
-        400
-    );
-    assert_eq!(
-        call_as_app(Method::DELETE, &format!("{base}/grants/{t1}"))
-            .await
-            .status,
-        410
-    );
+    for (method, path, status) in [
+        (Method::GET, format!("{base}/tokens/{t1}"), 200),
+        (Method::GET, format!("{base}/tokens/gho_bad"), 404),
+        (Method::POST, format!("{base}/tokens/{t1}"), 200),
+        (Method::GET, format!("{base}/tokens/"), 400),
+        (Method::DELETE, format!("{base}/grants/{t1}"), 410),
+    ] {
+        assert_eq!(call_as_app(method, &path).await.status, status, "{path}");
+    }
     let auth = basic_auth();
     let t2 = gh.issue_token(CLIENT_ID, "hubot");
     let a = call(
@@ -395,16 +351,10 @@ async fn metrics_after_a_known_mix_of_traffic() {
     )
     .await;
     assert_eq!(a.status, 200);
-    let a = call(
-        &http1_client(),
-        Method::GET,
-        &format!(
-            "{}/headers?client_id=a&client_secret=b&access_token=c",
-            gw.url()
-        ),
-        &[],
-        Bytes::new(),
-    )
+    let a = get(&format!(
+        "{}/headers?client_id=a&client_secret=b&access_token=c",
+        gw.url()
+    ))
     .await;
     assert_eq!(a.status, 200);
     assert_eq!(
@@ -502,14 +452,7 @@ async fn metrics_after_a_known_mix_of_traffic() {
     }
 
     // The legacy-client report agrees.
-    let a = call(
-        &http1_client(),
-        Method::GET,
-        &format!("{}/legacy-clients", gw.admin_url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let a = get(&format!("{}/legacy-clients", gw.admin_url())).await;
     let report = a.json();
     let c = &report["clients"][0];
     assert_eq!(c["client_id"], CLIENT_ID);
@@ -555,14 +498,7 @@ async fn five_thousand_made_up_client_ids_stay_within_the_cap() {
         ),
         4000.0
     );
-    let a = call(
-        &client,
-        Method::GET,
-        &format!("{}/legacy-clients", gw.admin_url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let a = get(&format!("{}/legacy-clients", gw.admin_url())).await;
     let report = a.json();
     assert_eq!(report["clients"].as_array().unwrap().len(), 1000);
     assert_eq!(report["other"]["total"], 4000);
@@ -600,27 +536,9 @@ mod futures_lite_join {
 async fn readyz_turns_503_while_draining_and_admin_is_not_on_the_proxy_listener() {
     let (gh, mut gw) = setup_with(|c| c.server.shutdown_grace = Duration::from_secs(20)).await;
     let admin = gw.admin_url();
-    let ready = call(
-        &http1_client(),
-        Method::GET,
-        &format!("{admin}/readyz"),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let ready = get(&format!("{admin}/readyz")).await;
     assert_eq!(ready.status, 200);
-    assert_eq!(
-        call(
-            &http1_client(),
-            Method::GET,
-            &format!("{admin}/livez"),
-            &[],
-            Bytes::new()
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(get(&format!("{admin}/livez")).await.status, 200);
 
     // /metrics on the proxy listener is an ordinary pass-through call.
     let a = call_as_app(Method::GET, &format!("{}/metrics", gw.url())).await;
@@ -628,28 +546,15 @@ async fn readyz_turns_503_while_draining_and_admin_is_not_on_the_proxy_listener(
     assert_eq!(gh.requests()[0].path_and_query, "/metrics");
 
     // Keep a request in flight so the drain lasts, then shut down.
-    let resp = http1_client()
-        .request(
-            http::Request::get(format!(
-                "{}/stream?chunks=10&size=10&delay_ms=100",
-                gw.url()
-            ))
-            .body(Full::new(Bytes::new()))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = open_stream(&format!(
+        "{}/stream?chunks=10&size=10&delay_ms=100",
+        gw.url()
+    ))
+    .await;
     let outcome = gw.begin_shutdown().unwrap();
     let mut saw_503 = false;
     for _ in 0..50 {
-        let r = call(
-            &http1_client(),
-            Method::GET,
-            &format!("{admin}/readyz"),
-            &[],
-            Bytes::new(),
-        )
-        .await;
+        let r = get(&format!("{admin}/readyz")).await;
         if r.status == 503 {
             saw_503 = true;
             break;
@@ -690,14 +595,7 @@ async fn promtool_finds_nothing_to_lint_after_every_operation() {
         call_as_app(Method::GET, &format!("{prefix_base}/tokens/")).await;
     }
     call_as_app(Method::GET, &format!("{}/user?access_token=x", gw.url())).await;
-    let text = call(
-        &http1_client(),
-        Method::GET,
-        &format!("{}/metrics", gw.admin_url()),
-        &[],
-        Bytes::new(),
-    )
-    .await;
+    let text = get(&format!("{}/metrics", gw.admin_url())).await;
     let mut child = std::process::Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

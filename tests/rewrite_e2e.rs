@@ -8,7 +8,7 @@ mod support;
 use bytes::Bytes;
 use http::Method;
 use support::{
-    CLIENT_ID, CLIENT_SECRET, basic_auth, call, call_as_app, h2c_client, http1_client, setup,
+    CLIENT_ID, CLIENT_SECRET, basic_auth, call, call_as_app, get, h2c_client, http1_client, setup,
     setup_with,
 };
 
@@ -272,7 +272,7 @@ async fn access_token_query_parameter_becomes_token_auth_on_pass_through() {
         "{}/headers?per_page=5&access_token=gho_abc&client_id=Iv1.x",
         gw.url()
     );
-    let a = call(&http1_client(), Method::GET, &url, &[], Bytes::new()).await;
+    let a = get(&url).await;
     assert_eq!(a.status, 200);
     let r = &gh.requests()[0];
     // A lone client_id is no credential and stays; the token moves into the header.

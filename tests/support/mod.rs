@@ -5,12 +5,14 @@
 pub mod fake_github;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -187,6 +189,11 @@ pub async fn call(
         .expect("answer within 10 s")
 }
 
+/// A plain HTTP/1.1 GET of `url`, read in full.
+pub async fn get(url: &str) -> Answer {
+    call(&http1_client(), Method::GET, url, &[], Bytes::new()).await
+}
+
 /// Sends a call with the app's Basic credentials over HTTP/1.1.
 pub async fn call_as_app(method: Method, url: &str) -> Answer {
     let auth = basic_auth();
@@ -201,4 +208,31 @@ pub async fn call_as_app(method: Method, url: &str) -> Answer {
         Bytes::new(),
     )
     .await
+}
+
+/// GETs `url` and returns as soon as the response head arrives, body still streaming.
+pub async fn open_stream(url: &str) -> Response<Incoming> {
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    tokio::time::timeout(Duration::from_secs(10), http1_client().request(req))
+        .await
+        .expect("response head within 10 s")
+        .expect("response")
+}
+
+/// The gateway's `/metrics` as `series -> value`, each series written as in the exposition
+/// format (`name{label="value",...}`).
+pub async fn scrape(gw: &Gateway) -> HashMap<String, f64> {
+    let a = get(&format!("{}/metrics", gw.admin_url())).await;
+    assert_eq!(a.status, 200);
+    std::str::from_utf8(&a.body)
+        .expect("UTF-8 scrape")
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }
