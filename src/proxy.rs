@@ -117,6 +117,9 @@ pub enum ProxyError {
         /// The configured limit, in bytes.
         limit: u64,
     },
+    /// `CONNECT`: the gateway is no tunnel or forward proxy: 405.
+    #[error("CONNECT is not supported")]
+    MethodNotAllowed,
     /// The client's request body could not be read: 400.
     #[error("request body could not be read")]
     RequestBody,
@@ -143,6 +146,7 @@ impl From<&ProxyError> for StatusCode {
             | ProxyError::InvalidQueryCredential(_)
             | ProxyError::RequestBody => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Gone { .. } => StatusCode::GONE,
             ProxyError::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Upstream(FailureKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
@@ -168,6 +172,9 @@ impl ProxyError {
                 format!("Request body too large: the gateway accepts at most {limit} bytes.")
             }
             ProxyError::RequestBody => "Bad request: the request body could not be read.".into(),
+            ProxyError::MethodNotAllowed => {
+                "Method not allowed: this gateway forwards API calls to one upstream; it is not a tunnel.".into()
+            }
             ProxyError::TooManyFailures(b) => format!(
                 "Too many failed token checks from this {}. Retry after {} seconds.",
                 match b.kind {
@@ -217,6 +224,12 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
+        if let ProxyError::MethodNotAllowed = &self {
+            resp.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
         if let ProxyError::TooManyFailures(b) = &self {
             // Whole seconds (RFC 9110 §10.2.3). No x-ratelimit-* headers: clients read those
             // as GitHub's own quota.
@@ -407,6 +420,10 @@ impl Proxy {
         } = &*self.inner;
         let (mut parts, body) = req.into_parts();
         let inbound_version = parts.version;
+        // A CONNECT would make the upstream connection a tunnel for the client.
+        if parts.method == http::Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed);
+        }
 
         let limit = settings.max_request_body_bytes;
         if content_length(&parts.headers).is_some_and(|len| len > limit) {
@@ -672,6 +689,7 @@ mod tests {
             (malformed, 400),
             (ProxyError::InvalidQueryCredential(InvalidCredential), 400),
             (ProxyError::RequestBody, 400),
+            (ProxyError::MethodNotAllowed, 405),
             (ProxyError::PayloadTooLarge { limit: 10 }, 413),
             (
                 ProxyError::Gone {

@@ -404,3 +404,25 @@ async fn a_reset_that_was_sent_is_never_retried() {
         "the reset was sent more than once"
     );
 }
+
+#[tokio::test]
+async fn absolute_form_targets_never_leave_the_configured_upstream() {
+    let (gh, gw) = setup().await;
+    let head = "GET http://evil.example:8080/user?x=1 HTTP/1.1\r\nhost: evil.example:8080\r\nconnection: close\r\n\r\n";
+    let resp = raw_exchange(&gw, head, &[]).await;
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    let r = &gh.requests()[0];
+    assert_eq!(r.path_and_query, "/user?x=1");
+    assert_eq!(r.headers["host"], gh.addr().to_string().as_str());
+}
+
+#[tokio::test]
+async fn connect_is_refused_without_contacting_the_upstream() {
+    let (gh, gw) = setup().await;
+    let head =
+        "CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\nconnection: close\r\n\r\n";
+    let resp = raw_exchange(&gw, head, &[]).await;
+    assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+    assert!(resp.contains("\"documentation_url\""), "{resp}");
+    assert_eq!(gh.request_count(), 0);
+}
