@@ -381,11 +381,15 @@ impl Config {
         let admin = AdminConfig {
             listen: parse_socket_addr("admin.listen", &raw.admin.listen)?,
         };
-        if admin.listen == server.listen {
+        let overlaps = admin.listen.port() == server.listen.port()
+            && (admin.listen.ip() == server.listen.ip()
+                || admin.listen.ip().is_unspecified()
+                || server.listen.ip().is_unspecified());
+        if overlaps {
             return Err(invalid(
                 "admin.listen",
                 quoted(&raw.admin.listen),
-                "an address other than server.listen: the admin endpoints are never served on the proxy listener",
+                "an address that does not overlap server.listen (another port, or another IP when neither is 0.0.0.0/[::]): the admin endpoints are never served on the proxy listener",
             ));
         }
         let metrics = MetricsConfig {
@@ -873,7 +877,19 @@ mod tests {
             ),
             (
                 "[admin]\nlisten = \"127.0.0.1:8080\"",
-                &["admin.listen", "other than server.listen"],
+                &["admin.listen", "does not overlap server.listen"],
+            ),
+            (
+                "[admin]\nlisten = \"0.0.0.0:8080\"",
+                &[
+                    "admin.listen",
+                    "\"0.0.0.0:8080\"",
+                    "does not overlap server.listen",
+                ],
+            ),
+            (
+                "[server]\nlisten = \"[::]:9090\"",
+                &["admin.listen", "\"127.0.0.1:9090\""],
             ),
             (
                 "[metrics]\nmax_client_ids = 100001",

@@ -53,14 +53,17 @@ pub enum LegacyAction {
     Rejected,
     /// Answered 400: empty or undecodable client_id or token in the path.
     Malformed,
+    /// Answered 429 by the failed-check limiter; never forwarded.
+    Limited,
 }
 
 impl LegacyAction {
-    const ALL: [LegacyAction; 4] = [
+    const ALL: [LegacyAction; 5] = [
         LegacyAction::Rewritten,
         LegacyAction::Observed,
         LegacyAction::Rejected,
         LegacyAction::Malformed,
+        LegacyAction::Limited,
     ];
 
     /// The label value.
@@ -70,6 +73,7 @@ impl LegacyAction {
             LegacyAction::Observed => "observed",
             LegacyAction::Rejected => "rejected",
             LegacyAction::Malformed => "malformed",
+            LegacyAction::Limited => "limited",
         }
     }
 }
@@ -101,7 +105,7 @@ pub struct MetricsError(#[from] prometheus::Error);
 /// All gateway metrics. Shared behind an `Arc`; every method takes `&self`.
 pub struct Metrics {
     registry: Registry,
-    deprecated_calls: [[IntCounter; 4]; 4],
+    deprecated_calls: [[IntCounter; 5]; 4],
     query_credentials: [IntCounter; 2],
     responses: IntCounterVec,
     response_children: [Box<[OnceLock<IntCounter>]>; 3],

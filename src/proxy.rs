@@ -306,6 +306,13 @@ impl Proxy {
             ),
         };
 
+        // A call the limiter answered was neither rewritten nor observed.
+        let legacy = match (&result, legacy) {
+            (Err(ProxyError::TooManyFailures(_)), Some((op, _))) => {
+                Some((op, LegacyAction::Limited))
+            }
+            (_, legacy) => legacy,
+        };
         let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {

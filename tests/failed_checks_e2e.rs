@@ -144,6 +144,13 @@ async fn exactly_burst_failures_pass_then_429_without_reaching_the_upstream() {
         m["oauth_apps_gateway_responses_total{route=\"legacy\",status=\"429\"}"],
         2.0
     );
+    // The two 429'd legacy checks were never forwarded: counted as limited, not rewritten.
+    let dep = |action: &str| {
+        m[&format!(
+            "oauth_apps_gateway_deprecated_calls_total{{action=\"{action}\",operation=\"check\"}}"
+        )]
+    };
+    assert_eq!((dep("rewritten"), dep("limited")), (3.0, 2.0));
 }
 
 #[tokio::test]
