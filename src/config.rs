@@ -562,11 +562,21 @@ fn at_least_one(key: &'static str, value: u32) -> Result<u32, ConfigError> {
     Ok(value)
 }
 
-/// A CIDR (`10.0.0.0/8`, `fd00::/8`) or a single address (taken as /32 or /128).
+/// A CIDR (`10.0.0.0/8`, `fd00::/8`) or a single address (taken as /32 or /128). IPv4-mapped
+/// IPv6 forms (`::ffff:10.0.0.0/104`) become IPv4, as peers are compared in IPv4 form.
 fn parse_cidr(key: &'static str, value: &str) -> Result<ipnet::IpNet, ConfigError> {
     value
         .parse::<ipnet::IpNet>()
         .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| match n {
+            ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+                Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                    .map(ipnet::IpNet::V4)
+                    .unwrap_or(n),
+                None => n,
+            },
+            other => other,
+        })
         .map(|n| n.trunc())
         .map_err(|_| {
             invalid(
@@ -726,7 +736,7 @@ mod tests {
     #[test]
     fn trusted_proxies_accept_cidrs_and_addresses() {
         let c = Config::from_toml_str(
-            "[failed_checks]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.7\", \"fd00::1/8\"]\n",
+            "[failed_checks]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.168.1.7\", \"fd00::1/8\", \"::ffff:172.16.0.0/108\", \"::ffff:10.1.1.1\"]\n",
         )
         .unwrap();
         let nets: Vec<String> = c
@@ -735,7 +745,16 @@ mod tests {
             .iter()
             .map(|n| n.to_string())
             .collect();
-        assert_eq!(nets, ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8"]);
+        assert_eq!(
+            nets,
+            [
+                "10.0.0.0/8",
+                "192.168.1.7/32",
+                "fd00::/8",
+                "172.16.0.0/12",
+                "10.1.1.1/32"
+            ]
+        );
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //!
 //! governor has no non-consuming check, so each key kind keeps one DashMap state store shared by
 //! two limiters: `charge` updates it, `probe` runs the same GCRA test over a view that writes the
-//! previous state back, so a check never costs a cell. Memory is bounded: at most
+//! previous state back, so a check never costs a cell. Concurrent guesses can all pass the gate
+//! before the first is charged; a failure past a spent quota is therefore kept as debt (the
+//! key's theoretical arrival time moves one interval further), so over time a key never fails
+//! more often than its quota allows, while successful calls are never held back. Memory is
+//! bounded: at most
 //! `max_tracked_keys` keys per kind, new keys past that share one overflow bucket, and
 //! `housekeep` drops keys that have fully recovered. The only user of governor and ipnet.
 
@@ -16,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use governor::clock::Clock;
+use governor::clock::{Clock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::StateStore;
@@ -171,6 +175,11 @@ impl<K: Hash + Eq + Clone> StateStore for Probe<K> {
 /// One key kind: the shared table, its charging and probing limiters, and the cap.
 struct KeyedLimiter<K: Hash + Eq + Clone> {
     store: Arc<Store<K>>,
+    /// The clock reading the limiters count from (taken just before they were built; with the
+    /// monotonic clock it may precede theirs by nanoseconds, which only makes debt stricter).
+    start: Nanos,
+    /// One replenish interval.
+    period: Nanos,
     charge: RateLimiter<Slot<K>, Shared<K>, LimiterClock, NoOpMiddleware<Nanos>>,
     probe: RateLimiter<Slot<K>, Probe<K>, LimiterClock, NoOpMiddleware<Nanos>>,
     max_keys: usize,
@@ -185,7 +194,10 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst);
         let store: Arc<Store<K>> = Arc::new(Store::default());
+        let start = clock.now();
         KeyedLimiter {
+            start,
+            period: Nanos::from(replenish),
             charge: RateLimiter::new(quota, Shared(store.clone()), clock.clone()),
             probe: RateLimiter::new(quota, Probe(store.clone()), clock.clone()),
             store,
@@ -224,8 +236,16 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Charges one failure; returns whether the quota is now spent.
     fn charge(&self, key: K) -> bool {
         let slot = self.slot(key);
-        // An Err means the quota was already spent (a failure that raced past the gate).
-        let _ = self.charge.check_key(&slot);
+        if self.charge.check_key(&slot).is_err() {
+            // The quota was already spent: a failure that raced past the gate, among
+            // concurrent ones. Keep it as debt: one more interval before the key recovers.
+            let now = self.clock.now().duration_since(self.start);
+            let period = self.period;
+            let _ = self.store.measure_and_replace(&slot, |tat| {
+                let tat = tat.unwrap_or(now).max(now);
+                Ok::<_, std::convert::Infallible>(((), tat + period))
+            });
+        }
         self.probe.check_key(&slot).is_err()
     }
 
@@ -412,6 +432,30 @@ mod tests {
     }
 
     #[test]
+    fn failures_that_raced_past_the_gate_are_kept_as_debt() {
+        let (l, clock) = limiter(|_| {});
+        let a = ip("192.0.2.1");
+        // Twenty concurrent guesses all passed the gate before any answer came back.
+        for _ in 0..20 {
+            assert_eq!(l.check(Some("Iv1.app"), a), None);
+        }
+        for _ in 0..20 {
+            l.charge(Some("Iv1.app"), a);
+        }
+        // Ten were within the burst; the other ten cost one interval each, on top of the
+        // interval a spent quota always waits.
+        let b = l.check(Some("Iv1.app"), a).unwrap();
+        assert_eq!(b.retry_after, Duration::from_secs(66));
+        clock.advance(Duration::from_secs(66));
+        assert_eq!(l.check(Some("Iv1.app"), a), None);
+        l.charge(Some("Iv1.app"), a);
+        assert_eq!(
+            l.check(Some("Iv1.app"), a).unwrap().retry_after,
+            Duration::from_secs(6)
+        );
+    }
+
+    #[test]
     fn recovers_after_the_replenish_interval() {
         let (l, clock) = limiter(|_| {});
         let a = ip("192.0.2.1");
@@ -504,21 +548,22 @@ mod tests {
     #[test]
     fn housekeeping_drops_recovered_keys_only() {
         let (l, clock) = limiter(|_| {});
+        // Each client_id fails from its own address, so only the client_id quotas are tested.
         let a = ip("192.0.2.1");
-        for i in 0..100 {
-            l.charge(Some(&format!("Iv1.{i}")), a);
+        for i in 0..100u8 {
+            l.charge(Some(&format!("Iv1.{i}")), IpAddr::from([198, 51, 100, i]));
         }
         for _ in 0..10 {
             l.charge(Some("Iv1.busy"), a);
         }
-        assert_eq!(l.tracked().0, 101);
+        assert_eq!(l.tracked(), (101, 101));
         // Single-failure keys recover after one interval; governor keeps one more interval of
         // slack before dropping them. Iv1.busy (ten failures) is far from recovered.
         clock.advance(Duration::from_secs(6));
         assert_eq!(l.housekeep().0, 101);
         clock.advance(Duration::from_millis(6_001));
-        let (ids, _) = l.housekeep();
-        assert_eq!(ids, 1);
+        // The addresses recover too, except the one Iv1.busy failed from.
+        assert_eq!(l.housekeep(), (1, 1));
         // Its state survived: it has regained two failures, not a fresh burst of ten.
         l.charge(Some("Iv1.busy"), a);
         assert!(l.check(Some("Iv1.busy"), a).is_none());

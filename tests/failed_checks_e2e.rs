@@ -341,3 +341,47 @@ async fn disabled_limiter_never_answers_429() {
     }
     assert_eq!(s.gh.request_count(), 20);
 }
+
+#[tokio::test]
+async fn concurrent_guesses_that_race_past_the_gate_are_charged_as_debt() {
+    // An upstream that takes a while to say 404: thirty guesses are all in flight before the
+    // first failure is charged, so all thirty pass the gate.
+    let upstream = support::upstream_answering(404, Duration::from_millis(300)).await;
+    let mut config = config_for(&upstream);
+    config.failed_checks.client_id_burst = 3;
+    config.failed_checks.client_id_replenish = Duration::from_secs(60);
+    let clock = LimiterClock::manual();
+    let gw = Gateway::start_with_clock(config, clock.clone()).await;
+    let client = http1_client();
+    let auth = basic_auth();
+    let mut guesses = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let (client, auth) = (client.clone(), auth.clone());
+        let url = format!("{}/applications/{CLIENT_ID}/tokens/gho_guess_{i}", gw.url());
+        guesses.spawn(async move {
+            call(
+                &client,
+                Method::GET,
+                &url,
+                &[("authorization", auth.as_str())],
+                Bytes::new(),
+            )
+            .await
+            .status
+        });
+    }
+    while let Some(status) = guesses.join_next().await {
+        assert_eq!(status.unwrap(), 404);
+    }
+    // 3 within the burst, 27 over it: each of those costs one more minute.
+    let a = call(
+        &client,
+        Method::GET,
+        &format!("{}/applications/{CLIENT_ID}/tokens/gho_next", gw.url()),
+        &[("authorization", auth.as_str())],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(a.status, 429);
+    assert_eq!(a.headers["retry-after"], (28 * 60).to_string().as_str());
+}

@@ -6,17 +6,14 @@
 mod support;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Response, StatusCode};
-use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::Method;
 use oauth_apps_gateway::config::{Config, Mode};
 use support::{
     CLIENT_ID, Gateway, basic_auth, call, call_as_app, config_for, get, http1_client, open_stream,
-    scrape, setup, setup_with,
+    scrape, setup, setup_with, upstream_answering,
 };
 
 const DEPRECATION: &str = "@1581638400";
@@ -50,28 +47,6 @@ fn assert_deprecation_headers(a: &support::Answer, what: &str) {
 fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
     *m.get(series)
         .unwrap_or_else(|| panic!("{series} not in scrape"))
-}
-
-/// A one-route upstream answering every request with `status` and a GitHub validation error.
-async fn upstream_answering(status: u16) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| async move {
-                    let body = r#"{"message":"Validation Failed","errors":[{"resource":"OauthAccess","code":"invalid"}],"documentation_url":"https://docs.github.com/rest"}"#;
-                    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-                    *r.status_mut() = StatusCode::from_u16(status).unwrap();
-                    Ok::<_, Infallible>(r)
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    url
 }
 
 #[tokio::test]
@@ -285,7 +260,7 @@ async fn deprecation_headers_can_be_turned_off() {
 
 #[tokio::test]
 async fn status_compat_turns_422_into_404_for_rewritten_calls_only() {
-    let upstream = upstream_answering(422).await;
+    let upstream = upstream_answering(422, Duration::ZERO).await;
     let gw = Gateway::start(config_for(&upstream)).await;
     let a = call_as_app(Method::GET, &legacy_url(&gw, &Method::GET, "gho_x")).await;
     assert_eq!(a.status, 404);

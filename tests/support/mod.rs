@@ -236,3 +236,27 @@ pub async fn scrape(gw: &Gateway) -> HashMap<String, f64> {
         })
         .collect()
 }
+
+/// A one-route upstream on 127.0.0.1:0 answering every request with `status` and a GitHub
+/// validation-error body, after `delay`. Returns its URL.
+pub async fn upstream_answering(status: u16, delay: Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    let body = r#"{"message":"Validation Failed","errors":[{"resource":"OauthAccess","code":"invalid"}],"documentation_url":"https://docs.github.com/rest"}"#;
+                    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    *r.status_mut() = StatusCode::from_u16(status).expect("status");
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    url
+}
