@@ -200,6 +200,20 @@ pub enum Malformed {
 /// # Errors
 /// A legacy-shaped path whose client_id or token segment is empty or not UTF-8 after
 /// percent-decoding (the caller answers 400).
+///
+/// # Example
+/// ```
+/// use http::Method;
+/// use oauth_apps_gateway::classify::{Operation, Route, classify};
+///
+/// let Ok(Route::Legacy(call)) = classify(&Method::DELETE, "/api/v3/applications/Iv1.a/grants/gho%2Fx")
+/// else { panic!("not a legacy call") };
+/// assert_eq!(call.operation, Operation::RevokeGrant);
+/// assert_eq!((call.prefix, &*call.client_id, &*call.access_token), ("/api/v3", "Iv1.a", "gho/x"));
+///
+/// // GET .../grants/{t} never existed: it passes through.
+/// assert_eq!(classify(&Method::GET, "/applications/Iv1.a/grants/t"), Ok(Route::PassThrough));
+/// ```
 pub fn classify<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, ClassifyError> {
     let (prefix, rest) = match path.strip_prefix(ENTERPRISE_PREFIX) {
         Some(rest) if rest.starts_with('/') => (ENTERPRISE_PREFIX, rest),

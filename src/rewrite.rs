@@ -143,6 +143,15 @@ pub struct InvalidCredential;
 /// removed when it comes with a `client_secret` (together they are the app's credentials);
 /// alone it is no secret and stays. Every other parameter is kept byte for byte, in order.
 /// Names and values are decoded as `application/x-www-form-urlencoded`.
+///
+/// # Example
+/// ```
+/// use oauth_apps_gateway::rewrite::take_query_credentials;
+///
+/// let c = take_query_credentials("page=2&client_id=Iv1.a&client_secret=s%2B1");
+/// assert_eq!(c.remaining.as_deref(), Some("page=2"));
+/// assert_eq!(c.authorization(true).unwrap().unwrap(), "Basic SXYxLmE6cysx");
+/// ```
 pub fn take_query_credentials(query: &str) -> QueryCredentials<'_> {
     let mut client_id = None;
     let mut client_secret = None;
