@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Proves README.md's PromQL against a running gateway. Starts, on 127.0.0.1 only: the fake GitHub
-# (examples/fake-github.rs), a tiny node upstream that answers 422 or hangs up, the gateway
-# (restarted for each migration step: observe, rewrite, reject with an override, then upstream
-# failures) and a Prometheus server scraping the gateway's admin /metrics every second. Traffic
-# comes from the real legacy client (tests/legacy-client/demo.js, both auth styles) and curl.
+# (examples/fake-github.rs), a tiny node upstream that answers 422 (slowly for one client_id, 401
+# on /unauthorized paths) or hangs up, the gateway (restarted for each step: observe, rewrite,
+# reject with an override, upstream failures, then two runs of the failed-check limiter) and a
+# Prometheus server scraping the gateway's admin /metrics every second. Traffic comes from the
+# real legacy client (tests/legacy-client/demo.js, both auth styles), curl and a small node burst.
 # Every query in README's ```promql blocks is run through Prometheus's HTTP API and its answer
 # checked against what this script sent; `promtool check metrics` runs on the scrapes.
+#
+# The failed-check limiter ([failed_checks], on by default) is part of what is counted: each call
+# is tallied with what the limiter did to it (charged a failure, answered 429, nothing), and a
+# 429 is only accepted where the traffic was built to produce one. Step 1 switches it off (see
+# there); steps 6 and 7 exercise it with their own client_ids and addresses.
 #
 #   bash scripts/promql-check.sh        # needs cargo, node (+ tests/legacy-client/install.sh),
 #                                       # curl, jq, prometheus and promtool (Debian: prometheus)
@@ -88,15 +94,28 @@ start_fake() { # a fresh fake GitHub (seeded token valid again)
   wait_until 10 "fake GitHub" curl -s -o /dev/null "http://127.0.0.1:$FAKE_PORT/"
 }
 
-start_stub() { # answers every request 422 (GitHub's validation error), hangs up on paths with /drop
+start_stub() { # answers every request 422 (GitHub's validation error), hangs up on paths with
+  # /drop, answers 401 (a wrong client secret) on paths with /unauthorized, and answers calls for
+  # client_id Iv1.slow after 1 s, counting them: GET /__count (straight to the stub) tells how many.
   cat >"$WORK/stub.js" <<'EOF'
 const http = require("http");
+const json = { "content-type": "application/json; charset=utf-8" };
 const body = JSON.stringify({ message: "Validation Failed",
   errors: [{ resource: "OauthAccess", code: "invalid" }], documentation_url: "https://docs.github.com/rest" });
+let slow = 0;
 http.createServer((req, res) => {
+  if (req.url === "/__count") { res.writeHead(200, { "content-type": "text/plain" }); res.end(String(slow)); return; }
   if (req.url.includes("/drop")) { req.socket.destroy(); return; }
   req.resume();
-  req.on("end", () => { res.writeHead(422, { "content-type": "application/json; charset=utf-8" }); res.end(body); });
+  req.on("end", () => {
+    if (req.url.includes("/unauthorized")) {
+      res.writeHead(401, json);
+      res.end(JSON.stringify({ message: "Bad credentials", documentation_url: "https://docs.github.com/rest" }));
+      return;
+    }
+    const delay = req.url.startsWith("/applications/Iv1.slow/") ? (slow++, 1000) : 0;
+    setTimeout(() => { res.writeHead(422, json); res.end(body); }, delay);
+  });
 }).listen(Number(process.argv[2]), "127.0.0.1");
 EOF
   node "$WORK/stub.js" "$STUB_PORT" >"$WORK/stub.log" 2>&1 &
@@ -127,11 +146,15 @@ EOF
 PROC=0
 UPSTREAM_KIND=""   # fake | stub | dead | tls: decides the expected outcome of a call
 declare -A MODE    # MODE[op] = rewrite | observe | reject for the running process
+LIMITER=on         # on | off: [failed_checks] enabled for the running process
 
-start_gateway() { # start_gateway UPSTREAM MODE MIGRATION_TOML [op=mode...]
+start_gateway() { # start_gateway UPSTREAM MODE MIGRATION_TOML FAILED_CHECKS_TOML [op=mode...]
   # UPSTREAM: fake | stub | dead (nothing listens) | tls (https to the fake's plain port) |
-  # timeout (the fake, with request_timeout = "1s")
-  local kind="$1" mode="$2" extra="$3" url op o server=""; shift 3
+  # timeout (the fake, with request_timeout = "1s"). FAILED_CHECKS_TOML: keys of
+  # [failed_checks], "" for the defaults (the limiter on).
+  local kind="$1" mode="$2" extra="$3" limiter_toml="$4" url op o server=""; shift 4
+  LIMITER=on
+  case "$limiter_toml" in *"enabled = false"*) LIMITER=off ;; esac
   case "$kind" in
     fake) url="http://127.0.0.1:$FAKE_PORT" ;;
     timeout) url="http://127.0.0.1:$FAKE_PORT" server='request_timeout = "1s"' ;;
@@ -157,6 +180,8 @@ mode = "$mode"
 $extra
 [migration.operations]
 $overrides
+[failed_checks]
+$limiter_toml
 EOF
   "$BIN" --check-config --config "$WORK/gw-$PROC.toml" >/dev/null
   env -u RUST_LOG "$BIN" --config "$WORK/gw-$PROC.toml" >"$WORK/gw-$PROC.log" 2>&1 &
@@ -167,7 +192,7 @@ EOF
   started=$(curl -s "$ADMIN/metrics" | awk '$1=="process_start_time_seconds"{print $2}')
   wait_until 20 "first scrape of gateway $PROC" \
     prom_has "process_start_time_seconds{job=\"$JOB\"} == $started"
-  echo "== gateway $PROC: upstream $kind, mode $mode${*:+, overrides $*}"
+  echo "== gateway $PROC: upstream $kind, mode $mode${*:+, overrides $*}, limiter $LIMITER${limiter_toml:+ ($limiter_toml)}"
 }
 
 stop_gateway() { # SIGTERM; the drain must complete (exit 0)
@@ -181,8 +206,43 @@ stop_gateway() { # SIGTERM; the drain must complete (exit 0)
 }
 
 # tally line: proc route op action status client_id query_credential status_compat failure_kind
+# limiter
 TALLY="$WORK/tally"; : >"$TALLY"
 record() { echo "$PROC $*" >>"$TALLY"; }
+
+now() { date +%s.%N; }
+sleep_until() { # sleep_until UNIX_TIME (fractional)
+  sleep "$(awk -v t="$1" -v n="$(now)" 'BEGIN { d = t - n; printf "%.3f", (d > 0 ? d : 0) }')"
+}
+
+# What the failed-check limiter did to a call (README "What counts as a failure"): "charged" (a
+# failure charged to the client_id and the client address; every call here has a client_id),
+# "429:client_id" or "429:client_ip" (answered 429, by the key kind its message names), or "-".
+# Charged: a forwarded token operation (legacy rewritten or observed, or the replacement API)
+# the upstream answered 404 or 422 (a rewritten 422 reaches the app as 404), or any call under
+# /applications/{client_id}/ answered 401; only while the limiter is on.
+lim_col() { # lim_col ROUTE ACTION STATUS PATH MESSAGE_OF_A_429
+  local route="$1" action="$2" status="$3" path="$4" msg="$5"
+  if [ "$status" = 429 ]; then
+    case "$msg" in
+      *"from this client_id."*) echo 429:client_id ;;
+      *"from this client address."*) echo 429:client_ip ;;
+      *) echo 429:unknown ;;
+    esac
+    return
+  fi
+  if [ "$LIMITER" = on ]; then
+    case "$route:$action:$status" in
+      legacy:rewritten:404 | legacy:rewritten:422 | legacy:observed:404 | legacy:observed:422 | \
+        token_api:-:404 | token_api:-:422) echo charged; return ;;
+    esac
+    if [ "$status" = 401 ] && [[ "$path" =~ ^(/api/v3)?/applications/[^/?]+/[^?]+ ]]; then
+      echo charged; return
+    fi
+  fi
+  echo -
+}
+last_message() { [ "$1" = 429 ] && jq -r '.message' "$WORK/last-body" 2>/dev/null || true; }
 
 # Outcome of a call on the current upstream: status_compat and failure columns.
 outcome() { # outcome ACTION STATUS -> "compat failure"
@@ -209,12 +269,17 @@ legacy() { # legacy OP CLIENT_ID TOKEN [curl args]: one legacy call with curl, t
   [ -n "$token" ] && [ -n "$cid" ] || action=malformed
   status=$(curl -s -o "$WORK/last-body" -D "$WORK/last-headers" -w '%{http_code}' -X "$method" \
     -u "${cid:-x}:$CLIENT_SECRET" "$@" "$GW/applications/$cid/$path/$token")
-  # Forwarded calls only: a rejected, malformed or 429 call never reaches the credential step.
-  if [ "$action" != malformed ] && [ "$action" != rejected ] && [ "$status" != 429 ]; then
+  # A call the limiter answered 429 was neither rewritten nor observed: action "limited".
+  if [ "$status" = 429 ] && { [ "$action" = rewritten ] || [ "$action" = observed ]; }; then
+    action=limited
+  fi
+  # Forwarded calls only: a rejected, malformed or limited call never reaches the credential step.
+  if [ "$action" = rewritten ] || [ "$action" = observed ]; then
     case "$*" in *client_secret=*) qcred=client_secret ;; *access_token=*) qcred=access_token ;; esac
   fi
   local cid_col="${cid:--}"; [ "$action" = malformed ] && cid_col="-"
-  record legacy "$op" "$action" "$status" "$cid_col" "$qcred" $(outcome "$action" "$status")
+  record legacy "$op" "$action" "$status" "$cid_col" "$qcred" $(outcome "$action" "$status") \
+    "$(lim_col legacy "$action" "$status" "/applications/$cid/$path/$token" "$(last_message "$status")")"
   echo "$status"
 }
 
@@ -222,13 +287,16 @@ other() { # other ROUTE METHOD PATH [curl args]: a pass-through or token-API cal
   local route="$1" method="$2" path="$3" status qcred="-"; shift 3
   status=$(curl -s -o "$WORK/last-body" -D "$WORK/last-headers" -w '%{http_code}' -X "$method" \
     "$@" "$GW$path")
-  case "$path" in *access_token=*) qcred=access_token ;; *client_secret=*) qcred=client_secret ;; esac
-  record "$route" - - "$status" - "$qcred" $(outcome - "$status")
+  if [ "$status" != 429 ]; then # a 429 was not forwarded
+    case "$path" in *access_token=*) qcred=access_token ;; *client_secret=*) qcred=client_secret ;; esac
+  fi
+  record "$route" - - "$status" - "$qcred" $(outcome - "$status") \
+    "$(lim_col "$route" - "$status" "$path" "$(last_message "$status")")"
   echo "$status"
 }
 
 demo() { # demo AUTH_STYLE [ONLY]: the real legacy client; every call it makes is tallied
-  local style="$1" only="${2:-}" line name op action status qcred
+  local style="$1" only="${2:-}" line name op action status qcred msg
   GATEWAY_URL="$GW" CLIENT_ID="$CLIENT_ID" CLIENT_SECRET="$CLIENT_SECRET" ACCESS_TOKEN="$TOKEN" \
     OCTOKIT_AUTH="$style" ONLY="$only" timeout 60 node "$ROOT/tests/legacy-client/demo.js" \
     >"$WORK/demo.out" 2>"$WORK/demo.err" || die "demo.js failed: $(cat "$WORK/demo.err")"
@@ -239,14 +307,18 @@ demo() { # demo AUTH_STYLE [ONLY]: the real legacy client; every call it makes i
       checkAuthorization) op=check ;; resetAuthorization) op=reset ;;
       revokeAuthorizationForApplication) op=revoke_token ;; revokeGrantForApplication) op=revoke_grant ;;
     esac
-    action=$(action_of "$op"); qcred="-"
+    action=$(action_of "$op"); qcred="-"; msg=""
+    if [ "$status" = 429 ] && [ "$action" != rejected ]; then
+      action=limited; msg=$(jq -r '.body | objects | .message // ""' <<<"$line")
+    fi
     # @octokit/rest 16 with auth: { clientId, clientSecret } sends them as query parameters on
     # revokeGrantForApplication; a forwarded call has them moved into Authorization and counted.
-    if [ "$style" = auth-object ] && [ "$op" = revoke_grant ] && [ "$action" != rejected ] \
-        && [ "$status" != 429 ]; then
+    if [ "$style" = auth-object ] && [ "$op" = revoke_grant ] \
+        && { [ "$action" = rewritten ] || [ "$action" = observed ]; }; then
       qcred=client_secret
     fi
-    record legacy "$op" "$action" "$status" "$CLIENT_ID" "$qcred" $(outcome "$action" "$status")
+    record legacy "$op" "$action" "$status" "$CLIENT_ID" "$qcred" $(outcome "$action" "$status") \
+      "$(lim_col legacy "$action" "$status" "/applications/$CLIENT_ID/tokens" "$msg")"
   done <"$WORK/demo.out"
   echo "   demo.js ($style${only:+, ONLY=$only}): $(jq -r '.status' "$WORK/demo.out" | sort | uniq -c | xargs)"
 }
@@ -321,10 +393,10 @@ check_that() {
 }
 
 # Expected answers, from the tally. $1 proc $2 route $3 op $4 action $5 status $6 client
-# $7 query credential $8 status compat $9 failure kind.
-expect_by_op_action() { # every operation x action series exists (pre-created at 0)
+# $7 query credential $8 status compat $9 failure kind $10 limiter.
+expect_by_op_action() { # every operation x action series exists (pre-created at 0): 4 x 5 = 20
   awk -v ops="$OPS" '$2 == "legacy" { n[$3 "," $4]++ }
-    END { split(ops, o, " "); split("malformed observed rejected rewritten", a, " ")
+    END { split(ops, o, " "); split("limited malformed observed rejected rewritten", a, " ")
       for (i in o) for (j in a) printf "action=%s,operation=%s %d\n", a[j], o[i], n[o[i] "," a[j]] + 0 }' \
     "$TALLY" | LC_ALL=C sort
 }
@@ -348,6 +420,14 @@ expect_by_column() { # expect_by_column COLUMN LABEL VALUES...: counts of column
     "$TALLY" | LC_ALL=C sort
 }
 total_legacy() { awk '$2 == "legacy"' "$TALLY" | wc -l; }
+expect_failed_checks() { # failures charged, per key kind: each one is charged to both keys
+  awk '$10 == "charged" { n++ }
+    END { printf "key_kind=client_id %d\nkey_kind=client_ip %d\n", n, n }' "$TALLY"
+}
+expect_rejected() { # the limiter's 429s, by the key kind the answer named
+  awk '{ n[$10]++ } END { printf "key_kind=client_id %d\nkey_kind=client_ip %d\n",
+    n["429:client_id"], n["429:client_ip"] }' "$TALLY"
+}
 
 promtool_lint() { # promtool check metrics on a scrape of the admin listener: nothing reported
   local out
@@ -366,15 +446,38 @@ header_is() { # header_is NAME VALUE WHAT: the last response carried NAME: VALUE
   fi
 }
 
-expect_status() { # expect_status GOT WANT WHAT
+expect_status() { # expect_status GOT WANT WHAT (a 429 is accepted only where it is expected)
   [ "$1" = "$2" ] && return 0
-  # The failed-check limiter (on by default) answers a token operation 429 once a client_id or
-  # address has failed too often; the tally records what the client got, so counts stay right.
-  if [ "$1" = 429 ] && grep -qi '^retry-after:' "$WORK/last-headers"; then
-    echo "      ($3: 429 from the failed-check limiter instead of $2)"
-    return 0
+  fail "$3: status $1, expected $2$([ "$1" = 429 ] && echo " ($(jq -r .message "$WORK/last-body"))")"
+}
+
+expect_statuses() { # expect_statuses GOT WANT WHAT: a space-separated list of statuses
+  if [ "$(xargs <<<"$1")" = "$(xargs <<<"$2")" ]; then
+    echo "ok    $3: $(xargs <<<"$1" | tr ' ' '\n' | uniq -c | xargs)"
+  else
+    fail "$3: got [$(xargs <<<"$1")], expected [$(xargs <<<"$2")]"
   fi
-  fail "$3: status $1, expected $2"
+}
+repeat() { local i; for i in $(seq "$2"); do printf '%s ' "$1"; done; } # repeat WORD N
+last_word() { awk '{ print $NF }' <<<"$1"; }
+
+# expect_429 STATUS KIND RA_MIN RA_MAX WHAT: the last answer was the limiter's 429 naming KIND
+# ("client_id" or "client address"), RA_MIN <= Retry-After <= RA_MAX, no x-ratelimit-* header.
+expect_429() {
+  local status="$1" kind="$2" lo="$3" hi="$4" what="$5" ra msg
+  ra=$(tr -d '\r' <"$WORK/last-headers" | awk 'tolower($1) == "retry-after:" { print $2 }')
+  msg=$(jq -r .message "$WORK/last-body" 2>/dev/null || true)
+  if [ "$status" = 429 ] && [[ "$ra" =~ ^[0-9]+$ ]] && [ "$ra" -ge "$lo" ] && [ "$ra" -le "$hi" ] \
+      && [ "$msg" = "Too many failed token checks from this $kind. Retry after $ra seconds." ] \
+      && ! grep -qi '^x-ratelimit-' "$WORK/last-headers"; then
+    echo "ok    $what: 429, Retry-After: $ra ($kind)"
+  else
+    fail "$what: status $status, Retry-After '$ra', message '$msg' (want 429 naming $kind, Retry-After $lo..$hi)"
+  fi
+}
+
+limiter_metrics() { # the failed_checks lines of a scrape of the admin listener, sorted
+  curl -s "$ADMIN/metrics" | grep '^oauth_apps_gateway_failed_checks' | LC_ALL=C sort
 }
 
 ERROR_RATIO='(sum(rate(oauth_apps_gateway_responses_total{route="legacy",status=~"5.."}[5m])) or vector(0)) / sum(rate(oauth_apps_gateway_request_duration_seconds_count{route="legacy"}[5m]))'
@@ -391,7 +494,12 @@ start_prometheus
 T0=$SECONDS
 
 # Step 1: observe. The fake, like api.github.com, answers every legacy path 404.
-start_gateway fake observe ""
+# Limiter OFF for this run ([failed_checks] enabled = false): in mode observe each of those 404s
+# is a failed token operation, and the demo client alone makes 18 of them, so with the limiter
+# on its 11th and later calls would be answered 429. This step measures who makes which
+# deprecated calls (README's /legacy-clients example is its report), not the limiter; the
+# limiter's metrics must still exist here, at 0, and stay there.
+start_gateway fake observe "" "enabled = false"
 
 s=$(other pass_through GET "/headers?access_token=gho_passthrough") ; expect_status "$s" 200 "pass-through /headers"
 s=$(other pass_through GET "/nope"); expect_status "$s" 404 "pass-through /nope"
@@ -446,7 +554,7 @@ check "deprecated calls per second by client_id, x300 = calls in 5 minutes" \
 check "deprecated calls by client_id since the gateway started (exact)" \
   'sort_desc(sum by (client_id) (oauth_apps_gateway_deprecated_calls_by_client_total))' \
   "$(expect_clients_now)"
-check "deprecated calls by operation and action" \
+check "deprecated calls by operation and action (20 series, none limited)" \
   'sum by (operation, action) (increase(oauth_apps_gateway_deprecated_calls_total[1h]))' \
   "$(expect_by_op_action)" 0.05 0.5
 check "legacy responses by status since the gateway started" \
@@ -455,6 +563,15 @@ check "legacy responses by status since the gateway started" \
 check "query-parameter credentials moved into Authorization" \
   'sum by (kind) (increase(oauth_apps_gateway_query_credentials_total[1h]))' \
   "$(expect_by_column 7 kind access_token client_secret)" 0.05 0.5
+# The limiter is off: its series exist from the start at 0 and stay there, 404s or not.
+check "failed token operations charged, by key kind (limiter off: 0)" \
+  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_total[1h]))' \
+  "$(expect_failed_checks)"
+check "somebody turned away in the last 5 minutes (nobody: no sample)" \
+  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[5m])) > 0' ''
+[ "$(limiter_metrics | awk '$2 != 0')" = "" ] && [ "$(limiter_metrics | wc -l)" = 6 ] \
+  && echo "ok    limiter off: all six failed_checks series on /metrics, at 0" \
+  || { fail "limiter off: failed_checks series"; show "$(limiter_metrics)" >&2; }
 
 # /legacy-clients agrees with the tally of this process.
 report=$(curl -s "$ADMIN/legacy-clients")
@@ -475,11 +592,33 @@ promtool_lint
 stop_gateway
 
 # Step 2: rewrite (the default), against a fresh fake so the seeded token is valid again.
+# Limiter ON (the default) with the known outcome README's "A real legacy client" describes:
+# the demo's own reset replaces the token, so its first run makes 6 failed token operations
+# (200 200, then 404 x 6) and a second run right after it reaches the client_id's burst of 10
+# after 4 more 404s: its last 4 calls, and the next token operation for that client_id, are
+# answered 429 (action "limited"). The client address has 30; nothing else here is limited.
+# Exact statuses are asserted when the two runs finish within 5 s of the first failure (a
+# client_id regains one failure every 6 s); the counts below follow from what each call got.
 start_fake
-start_gateway fake rewrite ""
+start_gateway fake rewrite "" ""
+t_first=$(now)
 demo auth-object
+run1=$(jq -r .status "$WORK/demo.out" | xargs)
 demo authenticate-basic
-s=$(legacy check "$CLIENT_ID" "gho_invalid"); expect_status "$s" 404 "rewritten check, invalid token"
+run2=$(jq -r .status "$WORK/demo.out" | xargs)
+warned=$(grep -c '^\[@octokit/request\] ".*" is deprecated' "$WORK/demo.err" || true)
+s=$(legacy check "$CLIENT_ID" "gho_invalid")
+if awk -v a="$t_first" -v b="$(now)" 'BEGIN { exit !(b - a < 5) }'; then
+  expect_statuses "$run1 $run2" "200 200 $(repeat 404 6) $(repeat 404 4) $(repeat 429 4)" \
+    "demo.js twice in quick succession: 429 after the client_id's tenth failure"
+  expect_429 "$s" client_id 1 6 "the next check for that client_id, invalid token or not"
+else
+  echo "note: the demo runs took 5 s or more; limiter outcomes counted as they came ($run1 / $run2 / $s)"
+fi
+[ "$s" != 429 ] || header_is deprecation "$DEPRECATION" "429 to a legacy call"
+[ "$warned" = 8 ] && echo "ok    @octokit/request warns on every answer of the second run, 429s included" \
+  || fail "@octokit/request warned $warned times in the second run, expected 8"
+s=$(legacy check "Iv1.unknown" "gho_invalid"); expect_status "$s" 404 "rewritten check, unknown app"
 header_is deprecation "$DEPRECATION" "rewritten 404"
 s=$(legacy check "$CLIENT_ID" ""); expect_status "$s" 400 "malformed: empty token"
 s=$(other pass_through GET "/nope"); expect_status "$s" 404 "pass-through /nope"
@@ -495,14 +634,22 @@ check "deprecated calls by operation and action" \
 check "deprecated calls by client_id since the gateway started (exact)" \
   'sort_desc(sum by (client_id) (oauth_apps_gateway_deprecated_calls_by_client_total))' \
   "$(expect_clients_now)"
+check "failed token operations charged, by key kind" \
+  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_total[1h]))' \
+  "$(expect_failed_checks)" 0.05 0.5
+check "somebody turned away in the last 5 minutes (the client_id only)" \
+  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[5m])) > 0' \
+  "$(expect_rejected | awk '$2 > 0')" 0.05 0.5
 grep -q 'action="rewritten"' "$WORK/gw-$PROC.log" || fail "no action=\"rewritten\" in the access log"
 grep -q 'action="malformed"' "$WORK/gw-$PROC.log" || fail "no action=\"malformed\" in the access log"
 promtool_lint
 stop_gateway
 
-# Step 3: reject, with check still rewritten; a sunset date is announced.
+# Step 3: reject, with check still rewritten; a sunset date is announced. Limiter ON (defaults):
+# rejected calls are never charged and the demo's checks succeed, so the one failed check below
+# (an invalid token) is all it counts; no 429.
 start_fake
-start_gateway fake reject 'sunset_date = "2027-06-30"' check=rewrite
+start_gateway fake reject 'sunset_date = "2027-06-30"' "" check=rewrite
 demo auth-object
 demo authenticate-basic
 # @octokit/request reads the headers and warns on stderr, with the URL it called.
@@ -540,11 +687,13 @@ echo "ok    /readyz answers 503 while draining"
 [ "$(curl -s -o /dev/null -w '%{http_code}' "$ADMIN/livez")" = 200 ] || fail "/livez while draining"
 wait "$stream_pid" || true
 [ "$(wc -c <"$WORK/stream.out")" -eq 100 ] || fail "request in flight during the drain was cut"
-record pass_through - - 200 - - - -
+record pass_through - - 200 - - - - -
 stop_gateway
 
-# Step 4: status compatibility and a hang-up, against the stub (422 to everything).
-start_gateway stub rewrite ""
+# Step 4: status compatibility and a hang-up, against the stub (422 to everything). Limiter ON
+# (defaults): the three checks, the reset and the direct call are 5 failures charged to the
+# client_id (a 422 counts, though the legacy app sees 404), under its burst of 10: no 429.
+start_gateway stub rewrite "" ""
 for i in 1 2 3; do
   s=$(legacy check "$CLIENT_ID" "gho_x$i"); expect_status "$s" 404 "422 to a rewritten check"
 done
@@ -561,17 +710,18 @@ check "status-compatibility rewrites by operation" \
 promtool_lint
 stop_gateway
 
-# Step 5: upstream failures of every kind.
-start_gateway dead rewrite ""
+# Step 5: upstream failures of every kind. Limiter ON (defaults): a 502 or 504 is the gateway's
+# own answer, never a failure charged.
+start_gateway dead rewrite "" ""
 s=$(legacy check "$CLIENT_ID" "gho_x"); expect_status "$s" 502 "connect failure"
 header_is deprecation "$DEPRECATION" "502 on a legacy call"
 s=$(legacy revoke_grant "$CLIENT_ID" "gho_x"); expect_status "$s" 502 "connect failure"
 s=$(other pass_through GET "/user"); expect_status "$s" 502 "connect failure"
 settle; stop_gateway
-start_gateway tls rewrite ""
+start_gateway tls rewrite "" ""
 s=$(legacy check "$CLIENT_ID" "gho_x"); expect_status "$s" 502 "TLS failure"
 settle; stop_gateway
-start_gateway timeout rewrite ""
+start_gateway timeout rewrite "" ""
 for i in 1 2 3; do
   s=$(other pass_through GET "/slow"); expect_status "$s" 504 "timeout"
 done
@@ -591,6 +741,167 @@ check_that "p95 time to response head by route" \
 check_that "p95 upstream time to response head by route" \
   'histogram_quantile(0.95, sum by (route, le) (rate(oauth_apps_gateway_upstream_duration_seconds_bucket[5m])))' \
   '$2 > 0 && $2 < 0.5' "timeouts are not upstream answers"
+promtool_lint
+stop_gateway
+
+# Step 6: the failed-check limiter with its defaults, against a fresh fake (README "Limiting failed
+# token checks"). Limiter ON, with trusted_proxies = ["127.0.0.1"] as in README's "Trying it", so
+# that curl can name the client address in X-Forwarded-For. Each block below uses its own
+# client_ids and addresses, so one block's failures do not spend another's quota; reset is
+# observed (an override) for the observe-mode block only.
+start_fake
+start_gateway fake rewrite "" 'trusted_proxies = ["127.0.0.1"]' reset=observe
+
+# README "Trying it", call for call (the 31 guesses send the demo secret; the fake answers 404
+# for an unknown app whatever the secret).
+got=""
+for i in $(seq 10); do
+  got+="$(legacy check "$CLIENT_ID" "gho_guess$i" -H 'X-Forwarded-For: 203.0.113.7') "
+done
+expect_statuses "$got" "$(repeat 404 10)" "ten wrong guesses for $CLIENT_ID from 203.0.113.7"
+s=$(legacy check "$CLIENT_ID" "$TOKEN" -H 'X-Forwarded-For: 198.51.100.20')
+expect_429 "$s" client_id 6 6 "another address, a valid token, same client_id"
+header_is deprecation "$DEPRECATION" "429 to a legacy call"
+header_is link "$LINK" "429 to a legacy call"
+sleep 6
+s=$(legacy check "$CLIENT_ID" "$TOKEN")
+[ "$s" = 200 ] && echo "ok    6 s later: a valid check passes (200)" \
+  || fail "6 s later: a valid check got $s, expected 200"
+got=""
+for i in $(seq 31); do
+  got+="$(legacy check "Iv1.app$i" t -H 'X-Forwarded-For: 10.9.9.9, 198.51.100.50') "
+done
+expect_statuses "$got" "$(repeat 404 30) 429" "31 client_ids from 198.51.100.50 (10.9.9.9 ignored)"
+expect_429 "$(last_word "$got")" "client address" 2 2 "the 31st: the address's quota is spent"
+snapshot=$(limiter_metrics)
+want=$(LC_ALL=C sort <<'EOF'
+oauth_apps_gateway_failed_checks_total{key_kind="client_id"} 40
+oauth_apps_gateway_failed_checks_total{key_kind="client_ip"} 40
+oauth_apps_gateway_failed_checks_rejected_total{key_kind="client_id"} 1
+oauth_apps_gateway_failed_checks_rejected_total{key_kind="client_ip"} 1
+oauth_apps_gateway_failed_checks_tracked_keys{key_kind="client_id"} 31
+oauth_apps_gateway_failed_checks_tracked_keys{key_kind="client_ip"} 2
+EOF
+)
+[ "$snapshot" = "$want" ] && echo "ok    /metrics after \"Trying it\": 40 failures, 1 rejected per key kind, 31 and 2 keys" \
+  || { fail "/metrics after \"Trying it\""; show "$snapshot" >&2; }
+settle # within 12 s of the last failures: housekeeping cannot have dropped a key yet
+check "keys tracked per key kind (after \"Trying it\")" 'oauth_apps_gateway_failed_checks_tracked_keys' \
+  "$(printf 'key_kind=client_id 31\nkey_kind=client_ip 2\n')"
+check "a table close to full (neither is)" 'oauth_apps_gateway_failed_checks_tracked_keys >= 90000' ''
+grep -qF "failed-check quota spent key_kind=\"client_id\" client_id=$CLIENT_ID" "$WORK/gw-$PROC.log" \
+  && grep -qF "failed-check quota spent; answered 429 key_kind=\"client_id\" client_id=$CLIENT_ID retry_after_seconds=6" "$WORK/gw-$PROC.log" \
+  && grep -qF "action=\"limited\" status=429" "$WORK/gw-$PROC.log" \
+  && echo "ok    the log names the spent quota, each 429 and the limited call" \
+  || fail "limiter log lines missing from $WORK/gw-$PROC.log"
+
+# README's worked example, steps 2 to 4, timed from the first failure: an app nobody can answer
+# for (Iv1.worked), guessed from 203.0.113.8.
+t_first=$(now)
+got=""
+for i in $(seq 10); do
+  got+="$(legacy check Iv1.worked "gho_w$i" -H 'X-Forwarded-For: 203.0.113.8') "
+done
+expect_statuses "$got" "$(repeat 404 10)" "ten wrong guesses for Iv1.worked"
+s=$(legacy check Iv1.worked gho_w11 -H 'X-Forwarded-For: 198.51.100.21')
+expect_429 "$s" client_id 6 6 "worked example 2: the eleventh, from any address"
+sleep_until "$(awk -v t="$t_first" 'BEGIN { printf "%.3f", t + 2.5 }')"
+s=$(legacy check Iv1.worked gho_w11 -H 'X-Forwarded-For: 198.51.100.21')
+expect_429 "$s" client_id 4 4 "worked example 3: 2.5 s later"
+sleep_until "$(awk -v t="$t_first" 'BEGIN { printf "%.3f", t + 6.3 }')"
+s=$(legacy check Iv1.worked gho_w12 -H 'X-Forwarded-For: 203.0.113.8')
+expect_status "$s" 404 "worked example 4: 6 s on, the next wrong guess reaches the upstream"
+s=$(legacy check Iv1.worked gho_w13 -H 'X-Forwarded-For: 203.0.113.8')
+expect_429 "$s" client_id 6 6 "worked example 4: and spends it again"
+s=$(other token_api POST "/applications/Iv1.worked/token" -u "Iv1.worked:x" \
+  -H 'Content-Type: application/json' -H 'X-Forwarded-For: 198.51.100.21' -d '{"access_token":"gho_w14"}')
+expect_429 "$s" client_id 1 6 "the replacement endpoint is gated too"
+
+# Mode observe on an upstream without the legacy form: every call 404s, and the client_id gets
+# 429 after ten in quick succession (README, Migrating step by step, step 1).
+got=""
+for i in $(seq 11); do
+  got+="$(legacy reset Iv1.observe "gho_o$i" -H 'X-Forwarded-For: 203.0.113.9') "
+done
+expect_statuses "$got" "$(repeat 404 10) 429" "observed resets for Iv1.observe"
+expect_429 "$(last_word "$got")" client_id 6 6 "the eleventh observed call"
+settle # Prometheus must see this process's last counts before it stops
+promtool_lint
+stop_gateway
+
+# Step 7: concurrent failures become debt; 401s are charged on any /applications/{client_id}/...
+# call. Limiter ON (defaults) with trusted_proxies = ["127.0.0.1"], against the stub, which
+# answers Iv1.slow's calls after 1 s: 100 concurrent wrong checks from one address all pass the
+# gate before the first failure is charged (README "Limits of a per-instance limiter").
+start_gateway stub rewrite "" 'trusted_proxies = ["127.0.0.1"]'
+cat >"$WORK/burst.js" <<'EOF'
+// node burst.js URL_PREFIX N X_FORWARDED_FOR USER:PASS: N GETs of URL_PREFIX<i> at once, each on
+// its own connection; prints "status<TAB>message" per answer (message: 429s only).
+const http = require("http");
+const [prefix, n, xff, auth] = process.argv.slice(2);
+const out = []; let left = Number(n);
+const done = (line) => { out.push(line); if (--left === 0) { console.log(out.join("\n")); } };
+for (let i = 0; i < Number(n); i++) {
+  const req = http.request(prefix + i, { agent: false, timeout: 20000, headers: {
+      "x-forwarded-for": xff, authorization: "Basic " + Buffer.from(auth).toString("base64") } },
+    (res) => { let b = ""; res.setEncoding("utf8"); res.on("data", (d) => { b += d; });
+      res.on("end", () => {
+        let m = ""; if (res.statusCode === 429) { try { m = JSON.parse(b).message; } catch (_) {} }
+        done(res.statusCode + "\t" + m); }); });
+  req.on("timeout", () => req.destroy(new Error("timeout")));
+  req.on("error", (e) => done("error\t" + e.message));
+  req.end();
+}
+EOF
+timeout 30 node "$WORK/burst.js" "$GW/applications/Iv1.slow/tokens/gho_slow" 100 192.0.2.100 \
+  "Iv1.slow:x" >"$WORK/burst.out" || die "burst.js failed"
+s=$(legacy check Iv1.slow gho_slow_next -H 'X-Forwarded-For: 198.51.100.30')
+# 10 failures within the burst, 90 x 6 s of debt, plus the 6 s every spent quota waits; a second
+# may have passed since the first of them was charged.
+expect_429 "$s" client_id 545 546 "after 100 concurrent wrong checks, the client_id"
+s=$(legacy check Iv1.fresh gho_x -H 'X-Forwarded-For: 192.0.2.100')
+expect_429 "$s" "client address" 141 142 "and the address they came from (2 s + 70 x 2 s of debt)"
+while IFS=$'\t' read -r st msg; do
+  [ "$st" != error ] || die "burst.js: $msg"
+  action=rewritten; [ "$st" = 429 ] && action=limited
+  record legacy check "$action" "$st" Iv1.slow - $(outcome "$action" "$st") \
+    "$(lim_col legacy "$action" "$st" /applications/Iv1.slow/tokens/x "$msg")"
+done <"$WORK/burst.out"
+expect_statuses "$(cut -f1 "$WORK/burst.out" | xargs)" "$(repeat 404 100)" \
+  "100 concurrent wrong checks for Iv1.slow (the stub's 422 reaches them as 404)"
+reached=$(curl -s "http://127.0.0.1:$STUB_PORT/__count")
+[ "$reached" = 100 ] && echo "ok    all 100 reached the upstream, once each; the 429s did not" \
+  || fail "the stub saw $reached calls for Iv1.slow, expected 100"
+for i in $(seq 10); do
+  s=$(other pass_through GET "/applications/Iv1.secret/unauthorized" -u "Iv1.secret:guess$i" \
+    -H 'X-Forwarded-For: 192.0.2.101')
+  expect_status "$s" 401 "a wrong client secret on a non-token call"
+done
+s=$(legacy check Iv1.secret gho_x -H 'X-Forwarded-For: 192.0.2.102')
+expect_429 "$s" client_id 6 6 "ten 401s spend the client_id's quota"
+s=$(other pass_through GET "/applications/Iv1.secret/unauthorized" -u "Iv1.secret:guess11" \
+  -H 'X-Forwarded-For: 192.0.2.101')
+expect_status "$s" 401 "a non-token call is forwarded whatever the quotas"
+settle # seconds after the last failures: no key here has recovered
+check "keys tracked per key kind (Iv1.slow, Iv1.secret; 192.0.2.100, 192.0.2.101)" \
+  'oauth_apps_gateway_failed_checks_tracked_keys' "$(printf 'key_kind=client_id 2\nkey_kind=client_ip 2\n')"
+grep -qE 'retry_after_seconds=54[56]( |$)' "$WORK/gw-$PROC.log" \
+  && echo "ok    the log has the 429 with retry_after_seconds=545 or 546" \
+  || fail "no retry_after_seconds=54x line in $WORK/gw-$PROC.log"
+
+# The whole run, over every gateway process (the limiter was off in step 1 only).
+check "failed token operations charged, by key kind (whole run)" \
+  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_total[1h]))' \
+  "$(expect_failed_checks)" 0.05 0.5
+check "token operations answered 429, by key kind (whole run)" \
+  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[1h]))' \
+  "$(expect_rejected)" 0.05 0.5
+check "somebody turned away in the last 5 minutes (both key kinds)" \
+  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[5m])) > 0' \
+  "$(expect_rejected | awk '$2 > 0')" 0.05 0.5
+check "legacy calls answered 429, by operation (whole run)" \
+  'sum by (operation) (increase(oauth_apps_gateway_deprecated_calls_total{action="limited"}[1h]))' \
+  "$(expect_by_op '$4 == "limited"')" 0.05 0.5
 check "deprecated calls by operation and action (whole run)" \
   'sum by (operation, action) (increase(oauth_apps_gateway_deprecated_calls_total[1h]))' \
   "$(expect_by_op_action)" 0.05 0.5
