@@ -207,11 +207,6 @@ impl Upstream {
         })
     }
 
-    /// The upstream authority (`host[:port]`), the value of `Host` sent upstream.
-    pub fn authority(&self) -> &Authority {
-        &self.authority
-    }
-
     /// Sends `req` (whose URI must come from [`Upstream::uri`]) and waits for the response head
     /// until `deadline`.
     ///
