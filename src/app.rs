@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::{Admin, Readiness};
 use crate::config::Config;
-use crate::limiter::{FailedChecks, LimiterClock};
+use crate::limiter::{FailedChecks, LimiterClock, NoRandomness};
 use crate::metrics::{Metrics, MetricsError, Registry};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{self, DrainOutcome, ServeOptions};
@@ -26,6 +26,10 @@ const LIMITER_HOUSEKEEPING: Duration = Duration::from_secs(10);
 /// drained, in seconds.
 const ADMIN_GRACE: Duration = Duration::from_secs(2);
 
+/// How long requests cut off at the end of the shutdown grace period get to write their 503
+/// and their access event, in seconds.
+const CUT_OFF_SETTLE: Duration = Duration::from_secs(1);
+
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -35,6 +39,9 @@ pub enum AppError {
     /// The metrics could not be registered.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The failed-check limiter found no randomness for its hashing key.
+    #[error(transparent)]
+    Limiter(#[from] NoRandomness),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} (`{key}`): {source}")]
     Bind {
@@ -116,10 +123,10 @@ pub async fn run_with_clock(
         config.metrics.max_client_ids,
     )?);
     let readiness = Readiness::new();
-    let limiter = config
-        .failed_checks
-        .enabled
-        .then(|| Arc::new(FailedChecks::new(&config.failed_checks, clock)));
+    let limiter = match config.failed_checks.enabled {
+        true => Some(Arc::new(FailedChecks::new(&config.failed_checks, clock)?)),
+        false => None,
+    };
     let _housekeeping = limiter.clone().map(|limiter| {
         let metrics = metrics.clone();
         AbortOnDrop(tokio::spawn(async move {
@@ -136,6 +143,7 @@ pub async fn run_with_clock(
         metrics.clone(),
         limiter,
     );
+    let drained = proxy.clone();
 
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let admin_addr = addr(&listeners.admin);
@@ -187,14 +195,61 @@ pub async fn run_with_clock(
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         })
     };
+    let drain_started = std::sync::OnceLock::new();
     let drain_signal = async {
         shutdown.await;
         readiness.set_draining();
+        let _ = drain_started.set(tokio::time::Instant::now());
     };
     let outcome = server::serve(listeners.proxy, make_service, opts, drain_signal).await;
+    let outcome = settle_open_requests(
+        &drained,
+        outcome,
+        drain_started.get().copied(),
+        config.server.shutdown_grace,
+    )
+    .await;
     let _ = stop_admin.send(());
     let _ = admin_task.await;
     Ok(outcome)
+}
+
+/// Waits, within what is left of the grace period, for requests still open once the listener
+/// drained: exchanges whose client went away are not connections, but they are accounted for
+/// when they end. What is still open when the grace period ends is cut off (answered 503 and
+/// recorded with outcome `shutdown`), and the drain reported as timed out.
+async fn settle_open_requests(
+    proxy: &Proxy,
+    outcome: DrainOutcome,
+    drain_started: Option<tokio::time::Instant>,
+    grace: Duration,
+) -> DrainOutcome {
+    let grace_ends = drain_started.unwrap_or_else(tokio::time::Instant::now) + grace;
+    let mut outcome = outcome;
+    if tokio::time::timeout_at(grace_ends, proxy.idle())
+        .await
+        .is_err()
+    {
+        outcome = DrainOutcome::TimedOut;
+    }
+    if outcome == DrainOutcome::TimedOut {
+        let open = proxy.open_requests();
+        proxy.cut_off();
+        if tokio::time::timeout(CUT_OFF_SETTLE, proxy.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open_requests = proxy.open_requests(),
+                "shutdown: requests still open after the cut-off"
+            );
+        }
+        tracing::warn!(
+            cut_off = open,
+            "shutdown: grace period ended; open requests cut off"
+        );
+    }
+    outcome
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C); on non-Unix systems, on Ctrl-C only.

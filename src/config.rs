@@ -153,27 +153,63 @@ pub struct MetricsConfig {
     pub max_client_ids: usize,
 }
 
-/// `[failed_checks]`: GCRA quotas on failed token operations, per client_id and per client IP.
-/// GitHub lets the token-check endpoint be called "without exceeding the normal rate limits for
-/// failed login attempts" (GitHub REST: Check a token), so the gateway limits failures itself.
+/// `[failed_checks]`: GCRA quotas on failed calls to the OAuth Applications API, keyed to the
+/// caller. GitHub lets the token-check endpoint be called "without exceeding the normal rate
+/// limits for failed login attempts" (GitHub REST: Check a token), so the gateway limits failures
+/// itself: credential failures (401) per credential and per client address, token failures (404
+/// or 422 to a token operation) per credential.
 #[derive(Debug, Clone)]
 pub struct FailedChecksConfig {
     /// Whether failures are limited at all (`failed_checks.enabled`).
     pub enabled: bool,
-    /// Failures a client_id may make back to back (`failed_checks.client_id_burst`), at least 1.
-    pub client_id_burst: u32,
-    /// Time to regain one failure for a client_id (`failed_checks.client_id_replenish`).
-    pub client_id_replenish: Duration,
-    /// Failures a client IP may make back to back (`failed_checks.client_ip_burst`), at least 1.
-    pub client_ip_burst: u32,
-    /// Time to regain one failure for a client IP (`failed_checks.client_ip_replenish`).
-    pub client_ip_replenish: Duration,
-    /// Keys tracked per key kind, at most (`failed_checks.max_tracked_keys`); new keys past it
-    /// share one overflow bucket.
+    /// Refuse, or only report, what a spent quota would refuse (`failed_checks.mode`).
+    pub mode: FailedChecksMode,
+    /// Credential failures per credential (`failed_checks.credential_burst`,
+    /// `failed_checks.credential_replenish`).
+    pub credential: QuotaConfig,
+    /// Credential failures per client address (`failed_checks.client_ip_burst`,
+    /// `failed_checks.client_ip_replenish`).
+    pub client_ip: QuotaConfig,
+    /// Token failures per credential (`failed_checks.token_burst`,
+    /// `failed_checks.token_replenish`). The default, a burst of 5,000 and one more every 720 ms
+    /// (5,000 per hour), is no tighter than GitHub's primary rate limit for an app (GitHub REST:
+    /// Rate limits for the REST API), so a legitimate job meets GitHub's limit first.
+    pub token: QuotaConfig,
+    /// Keys tracked per quota, at most (`failed_checks.max_tracked_keys`); a key that first fails
+    /// while its table is full is not tracked (and counted as untracked).
     pub max_tracked_keys: usize,
     /// Peers whose `X-Forwarded-For` is believed (`failed_checks.trusted_proxies`): CIDRs, or
     /// single addresses.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// One GCRA quota: `burst` failures back to back, then one more per `replenish`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaConfig {
+    /// Failures a key may make back to back, at least 1.
+    pub burst: u32,
+    /// Time to regain one failure, greater than zero.
+    pub replenish: Duration,
+}
+
+/// What the failed-check limiter does with a request one of whose keys is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedChecksMode {
+    /// Answer 429 with `Retry-After`; the request never reaches the upstream.
+    Enforce,
+    /// Forward it, and count and log that it would have been answered 429 (Envoy's rate-limit
+    /// shadow mode), so quotas can be sized on real traffic before they are enforced.
+    Shadow,
+}
+
+impl FailedChecksMode {
+    /// The mode's name as written in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailedChecksMode::Enforce => "enforce",
+            FailedChecksMode::Shadow => "shadow",
+        }
+    }
 }
 
 /// `[log]`: tracing output.
@@ -230,6 +266,18 @@ pub enum ConfigError {
         value: String,
         /// What would have been accepted.
         expected: String,
+    },
+    /// A key of an earlier release that was replaced; the message names its replacement.
+    #[error("{}`{key}` is no longer read: use `{replacement}` ({why})", display_path(.path))]
+    Replaced {
+        /// The file that was read, if any.
+        path: Option<PathBuf>,
+        /// The old dotted key.
+        key: &'static str,
+        /// The dotted key that replaced it.
+        replacement: &'static str,
+        /// Why it changed.
+        why: &'static str,
     },
 }
 
@@ -400,19 +448,64 @@ impl Config {
             )?,
         };
         let f = &raw.failed_checks;
+        for (old, new, value) in [
+            (
+                "failed_checks.client_id_burst",
+                "failed_checks.credential_burst",
+                &f.client_id_burst,
+            ),
+            (
+                "failed_checks.client_id_replenish",
+                "failed_checks.credential_replenish",
+                &f.client_id_replenish,
+            ),
+        ] {
+            if value.is_some() {
+                return Err(ConfigError::Replaced {
+                    path: None,
+                    key: old,
+                    replacement: new,
+                    why: "failures are charged to the credential the caller presents, never to the client_id it names, so nobody can spend another app's quota",
+                });
+            }
+        }
+        let quota =
+            |burst_key: &'static str, burst: u32, replenish_key: &'static str, replenish: &str| {
+                Ok::<_, ConfigError>(QuotaConfig {
+                    burst: at_least_one(burst_key, burst)?,
+                    replenish: parse_duration(replenish_key, replenish, false)?,
+                })
+            };
         let failed_checks = FailedChecksConfig {
             enabled: f.enabled,
-            client_id_burst: at_least_one("failed_checks.client_id_burst", f.client_id_burst)?,
-            client_id_replenish: parse_duration(
-                "failed_checks.client_id_replenish",
-                &f.client_id_replenish,
-                false,
+            mode: match f.mode.as_str() {
+                "enforce" => FailedChecksMode::Enforce,
+                "shadow" => FailedChecksMode::Shadow,
+                other => {
+                    return Err(invalid(
+                        "failed_checks.mode",
+                        quoted(other),
+                        "\"enforce\" or \"shadow\"",
+                    ));
+                }
+            },
+            credential: quota(
+                "failed_checks.credential_burst",
+                f.credential_burst,
+                "failed_checks.credential_replenish",
+                &f.credential_replenish,
             )?,
-            client_ip_burst: at_least_one("failed_checks.client_ip_burst", f.client_ip_burst)?,
-            client_ip_replenish: parse_duration(
+            client_ip: quota(
+                "failed_checks.client_ip_burst",
+                f.client_ip_burst,
                 "failed_checks.client_ip_replenish",
                 &f.client_ip_replenish,
-                false,
+            )?,
+            token: quota(
+                "failed_checks.token_burst",
+                f.token_burst,
+                "failed_checks.token_replenish",
+                &f.token_replenish,
             )?,
             max_tracked_keys: positive("failed_checks.max_tracked_keys", f.max_tracked_keys as u64)?
                 as usize,
@@ -485,6 +578,17 @@ impl ConfigError {
                 key,
                 value,
                 expected,
+            },
+            ConfigError::Replaced {
+                key,
+                replacement,
+                why,
+                ..
+            } => ConfigError::Replaced {
+                path: Some(file.to_owned()),
+                key,
+                replacement,
+                why,
             },
             other => other,
         }
@@ -712,7 +816,10 @@ mod tests {
         };
         assert_eq!(c.migration.modes, all(Mode::Rewrite));
         assert!(c.migration.status_compat);
-        assert!(c.migration.deprecation_headers);
+        assert!(
+            !c.migration.deprecation_headers,
+            "off: @octokit/request logs legacy URLs"
+        );
         assert_eq!(
             c.migration.deprecation.date,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_581_638_400)
@@ -726,9 +833,16 @@ mod tests {
         assert_eq!(c.metrics.max_client_ids, 1000);
         let f = &c.failed_checks;
         assert!(f.enabled);
-        assert_eq!((f.client_id_burst, f.client_ip_burst), (10, 30));
-        assert_eq!(f.client_id_replenish, Duration::from_secs(6));
-        assert_eq!(f.client_ip_replenish, Duration::from_secs(2));
+        assert_eq!(f.mode, FailedChecksMode::Enforce);
+        let q = |burst, ms| QuotaConfig {
+            burst,
+            replenish: Duration::from_millis(ms),
+        };
+        assert_eq!(f.credential, q(10, 6_000));
+        assert_eq!(f.client_ip, q(30, 2_000));
+        // 5,000 failures an hour, GitHub's own primary rate limit for an app.
+        assert_eq!(f.token, q(5000, 720));
+        assert_eq!(f.token.replenish * f.token.burst, Duration::from_secs(3600));
         assert_eq!(f.max_tracked_keys, 100_000);
         assert!(f.trusted_proxies.is_empty());
     }
@@ -915,8 +1029,31 @@ mod tests {
                 &["metrics.max_client_ids", "100001", "0 to 100000"],
             ),
             (
-                "[failed_checks]\nclient_id_burst = 0",
-                &["failed_checks.client_id_burst", "0", "at least 1"],
+                "[failed_checks]\ncredential_burst = 0",
+                &["failed_checks.credential_burst", "0", "at least 1"],
+            ),
+            (
+                "[failed_checks]\ntoken_replenish = \"soon\"",
+                &["failed_checks.token_replenish", "\"soon\"", "duration"],
+            ),
+            (
+                "[failed_checks]\nmode = \"audit\"",
+                &["failed_checks.mode", "\"audit\"", "\"shadow\""],
+            ),
+            (
+                "[failed_checks]\nclient_id_burst = 10",
+                &[
+                    "`failed_checks.client_id_burst` is no longer read",
+                    "use `failed_checks.credential_burst`",
+                    "never to the client_id",
+                ],
+            ),
+            (
+                "[failed_checks]\nclient_id_replenish = \"6s\"",
+                &[
+                    "failed_checks.client_id_replenish",
+                    "use `failed_checks.credential_replenish`",
+                ],
             ),
             (
                 "[failed_checks]\nclient_ip_replenish = \"0s\"",

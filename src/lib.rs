@@ -10,8 +10,9 @@
 //! - [`rewrite`]: pure; legacy call -> replacement path and JSON body; query credentials ->
 //!   `Authorization`.
 //! - [`headers`]: pure; hop-by-hop removal and `Accept` media-type merging.
-//! - [`proxy`]: the request flow and the one error -> status mapping.
-//! - [`limiter`]: GCRA quotas on failed token operations (the only governor user).
+//! - [`proxy`]: the request path as named stages: plan, gate, exchange, observe, error.
+//! - [`limiter`]: GCRA quotas on failed calls, keyed to the caller (the only governor and ring
+//!   user).
 //! - [`upstream`]: the pooled HTTPS client to the upstream and its failure kinds.
 //! - [`body`]: response body types (deadline-bounded upstream body).
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful drain.

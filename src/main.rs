@@ -64,7 +64,9 @@ fn main() -> ExitCode {
             tracing::error!(error = %e, "gateway failed");
             eprintln!("error: {e}");
             match e {
-                app::AppError::Upstream(_) | app::AppError::Metrics(_) => ExitCode::from(2),
+                app::AppError::Upstream(_)
+                | app::AppError::Metrics(_)
+                | app::AppError::Limiter(_) => ExitCode::from(2),
                 app::AppError::Bind { .. } => ExitCode::FAILURE,
             }
         }

@@ -21,7 +21,7 @@ pub use prometheus::Registry;
 use serde::Serialize;
 
 use crate::classify::{LEGACY_OPERATIONS, Operation, RouteClass};
-use crate::limiter::KeyKind;
+use crate::limiter::{FailureClass, KeyKind, QUOTAS, Tracked};
 use crate::upstream::FailureKind;
 
 /// Every application metric name starts with this.
@@ -78,6 +78,25 @@ impl LegacyAction {
     }
 }
 
+/// How a request ended without its answer reaching the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// The client went away first.
+    ClientGone,
+    /// The end of the shutdown grace period cut it off.
+    ShutDown,
+}
+
+impl Interruption {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Interruption::ClientGone => "client_gone",
+            Interruption::ShutDown => "shutdown",
+        }
+    }
+}
+
 /// A kind of deprecated query-parameter credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CredentialKind {
@@ -115,9 +134,14 @@ pub struct Metrics {
     status_compat: [IntCounter; 4],
     in_flight: IntGauge,
     open_connections: IntGauge,
-    failed_checks: [IntCounter; 2],
-    failed_checks_rejected: [IntCounter; 2],
-    failed_checks_tracked: [IntGauge; 2],
+    failed_checks: [IntCounter; 3],
+    failed_checks_rejected: [IntCounter; 3],
+    failed_checks_shadow: [IntCounter; 3],
+    failed_checks_untracked: [IntCounter; 3],
+    failed_checks_tracked: [IntGauge; 3],
+    failed_checks_waits: IntCounter,
+    verified_credentials: IntGauge,
+    interrupted_children: [[IntCounter; 2]; 3],
     clients: LegacyClients,
 }
 
@@ -127,7 +151,6 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-const KEY_KINDS: [KeyKind; 2] = [KeyKind::ClientId, KeyKind::ClientIp];
 const ROUTES: [RouteClass; 3] = [
     RouteClass::Legacy,
     RouteClass::TokenApi,
@@ -242,27 +265,55 @@ impl Metrics {
                 "Client connections open on the proxy listener.",
             )?,
         )?;
-        let failures = counter_vec(
-            r,
+        let quota_counter = |suffix: &str, help: &str| {
+            counter_vec(r, suffix, help, &["class", "key_kind"])
+                .map(|v| QUOTAS.map(|(c, k)| v.with_label_values(&[c.as_str(), k.as_str()])))
+        };
+        let failed_checks = quota_counter(
             "failed_checks_total",
-            "Failed token operations (404/422, or 401 on /applications/{client_id}/...) charged to the limiter, by key kind.",
-            &["key_kind"],
+            "Failures charged to the failed-check quotas, by class (credential: 401 to an /applications/{client_id}/... call; token: 404 or 422 to a token operation) and key kind (credential, client_ip).",
         )?;
-        let rejected = counter_vec(
-            r,
+        let failed_checks_rejected = quota_counter(
             "failed_checks_rejected_total",
-            "Token operations answered 429 by the gateway because a key's quota of failures was spent, by key kind.",
-            &["key_kind"],
+            "Calls answered 429 by the gateway because a key's quota was spent or it had as many calls in flight as failures left, by class and key kind.",
+        )?;
+        let failed_checks_shadow = quota_counter(
+            "failed_checks_shadow_rejected_total",
+            "Calls forwarded in failed_checks.mode = \"shadow\" that enforce mode would have answered 429, by class and key kind.",
+        )?;
+        let failed_checks_untracked = quota_counter(
+            "failed_checks_untracked_total",
+            "Failures not tracked because the quota's key table was full (failed_checks.max_tracked_keys), by class and key kind.",
         )?;
         let tracked = register(
             r,
             IntGaugeVec::new(
                 Opts::new(
                     name("failed_checks_tracked_keys"),
-                    "Keys the failed-check limiter tracks, by key kind.",
+                    "Keys each failed-check quota tracks, by class and key kind.",
                 ),
-                &["key_kind"],
+                &["class", "key_kind"],
             )?,
+        )?;
+        let failed_checks_waits = register(
+            r,
+            IntCounter::new(
+                name("failed_checks_waits_total"),
+                "Calls held at the failed-check gate until another call of the same key finished.",
+            )?,
+        )?;
+        let verified_credentials = register(
+            r,
+            IntGauge::new(
+                name("failed_checks_verified_credentials"),
+                "App credentials the upstream accepted in the last hour, which the credential-failure quotas do not hold.",
+            )?,
+        )?;
+        let interrupted = counter_vec(
+            r,
+            "interrupted_requests_total",
+            "Requests whose client went away before the answer (outcome client_gone; a forwarded one is still seen through) or that the end of the shutdown grace period cut off (outcome shutdown), by route class.",
+            &["route", "outcome"],
         )?;
         let build = register(
             r,
@@ -297,9 +348,18 @@ impl Metrics {
             status_compat: LEGACY_OPERATIONS.map(|op| compat.with_label_values(&[op.as_str()])),
             in_flight,
             open_connections,
-            failed_checks: KEY_KINDS.map(|k| failures.with_label_values(&[k.as_str()])),
-            failed_checks_rejected: KEY_KINDS.map(|k| rejected.with_label_values(&[k.as_str()])),
-            failed_checks_tracked: KEY_KINDS.map(|k| tracked.with_label_values(&[k.as_str()])),
+            failed_checks,
+            failed_checks_rejected,
+            failed_checks_shadow,
+            failed_checks_untracked,
+            failed_checks_tracked: QUOTAS
+                .map(|(c, k)| tracked.with_label_values(&[c.as_str(), k.as_str()])),
+            failed_checks_waits,
+            verified_credentials,
+            interrupted_children: ROUTES.map(|c| {
+                [Interruption::ClientGone, Interruption::ShutDown]
+                    .map(|o| interrupted.with_label_values(&[c.as_str(), o.as_str()]))
+            }),
             clients: LegacyClients::new(by_client, max_client_ids),
             registry,
         })
@@ -354,21 +414,43 @@ impl Metrics {
         }
     }
 
-    /// Counts a failure charged to a key of `kind`.
-    pub fn failed_check(&self, kind: KeyKind) {
-        self.failed_checks[kind as usize].inc();
+    /// Counts a failure charged to the quota of `class` and `kind`.
+    pub fn failed_check(&self, class: FailureClass, kind: KeyKind) {
+        self.failed_checks[quota_index(class, kind)].inc();
     }
 
-    /// Counts a 429 answered because a key of `kind` had spent its quota.
-    pub fn failed_check_rejected(&self, kind: KeyKind) {
-        self.failed_checks_rejected[kind as usize].inc();
+    /// Counts a 429 answered by the quota of `class` and `kind`.
+    pub fn failed_check_rejected(&self, class: FailureClass, kind: KeyKind) {
+        self.failed_checks_rejected[quota_index(class, kind)].inc();
     }
 
-    /// Sets how many keys the limiter tracks: `(client_id, client_ip)`.
-    pub fn failed_checks_tracked(&self, (ids, ips): (usize, usize)) {
-        let set = |g: &IntGauge, n: usize| g.set(i64::try_from(n).unwrap_or(i64::MAX));
-        set(&self.failed_checks_tracked[KeyKind::ClientId as usize], ids);
-        set(&self.failed_checks_tracked[KeyKind::ClientIp as usize], ips);
+    /// Counts a call shadow mode forwarded that enforce mode would have answered 429.
+    pub fn failed_check_shadow(&self, class: FailureClass, kind: KeyKind) {
+        self.failed_checks_shadow[quota_index(class, kind)].inc();
+    }
+
+    /// Counts a failure the quota of `class` and `kind` could not track (its table was full).
+    pub fn failed_check_untracked(&self, class: FailureClass, kind: KeyKind) {
+        self.failed_checks_untracked[quota_index(class, kind)].inc();
+    }
+
+    /// Counts a call held at the gate until another call of its key finished.
+    pub fn failed_check_waited(&self) {
+        self.failed_checks_waits.inc();
+    }
+
+    /// Sets how many keys each quota tracks and how many credentials are verified.
+    pub fn failed_checks_tracked(&self, t: Tracked) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        for (gauge, v) in self.failed_checks_tracked.iter().zip(t.quotas) {
+            gauge.set(n(v));
+        }
+        self.verified_credentials.set(n(t.verified));
+    }
+
+    /// Counts a request that did not end with its answer handed to the client.
+    pub fn interrupted(&self, route: RouteClass, how: Interruption) {
+        self.interrupted_children[route as usize][how as usize].inc();
     }
 
     /// Marks a request in flight until the guard drops.
@@ -395,6 +477,15 @@ impl Metrics {
     pub fn legacy_clients_json(&self) -> Vec<u8> {
         self.clients.report_json()
     }
+}
+
+/// Position of a (class, key kind) pair in [`QUOTAS`]; a pair that is no quota (token failures
+/// are never charged to an address) counts with the nearest one, the token quota.
+fn quota_index(class: FailureClass, kind: KeyKind) -> usize {
+    QUOTAS
+        .iter()
+        .position(|&q| q == (class, kind))
+        .unwrap_or(QUOTAS.len() - 1)
 }
 
 /// Keeps a gauge incremented while alive.

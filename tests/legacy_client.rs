@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use http::Method;
 use serde_json::{Value, json};
 use support::fake_github::RecordedRequest;
-use support::{CLIENT_ID, CLIENT_SECRET, basic_auth, setup};
+use support::{CLIENT_ID, CLIENT_SECRET, basic_auth, setup, setup_with};
 use tokio::sync::Semaphore;
 
 const OCTOKIT_VERSION: &str = "16.43.2";
@@ -133,6 +133,30 @@ async fn full_run_reuses_the_token_it_reset() {
                 assert_replacement_form(req, kind, prefix, &token, &format!("{label}, {name}"));
             }
         }
+    }
+}
+
+/// Under the default configuration the client never prints a token or its client secret: no
+/// response carries `Deprecation`, which @octokit/request answers by logging the request URL
+/// (a legacy URL holds the token; revokeGrant in auth style `auth-object` sends the secret in the
+/// query). With `deprecation_headers = true` it does, which is why the default is off.
+#[tokio::test]
+async fn the_default_never_makes_the_client_print_its_secrets() {
+    let Some(demo) = legacy_client().await else {
+        return;
+    };
+    for headers_on in [false, true] {
+        let (gh, gw) = setup_with(|c| c.migration.deprecation_headers = headers_on).await;
+        let token = gh.issue_token(CLIENT_ID, "octocat");
+        let (lines, stderr) = demo
+            .run_with_stderr(&gw.url(), &token, "auth-object", None)
+            .await;
+        assert_eq!(lines.len(), OPERATIONS.len());
+        let printed = stderr.contains(&token) || stderr.contains(CLIENT_SECRET);
+        assert_eq!(
+            printed, headers_on,
+            "deprecation_headers = {headers_on}; stderr:\n{stderr}"
+        );
     }
 }
 
@@ -302,7 +326,6 @@ struct Demo {
 
 impl Demo {
     /// Runs demo.js against `base_url` (only `operation` when given) and returns its JSON lines.
-    /// The child runs on the blocking pool, so the gateway on this runtime keeps serving it.
     async fn run(
         &self,
         base_url: &str,
@@ -310,6 +333,20 @@ impl Demo {
         auth: &str,
         operation: Option<&str>,
     ) -> Vec<Value> {
+        self.run_with_stderr(base_url, token, auth, operation)
+            .await
+            .0
+    }
+
+    /// As [`Demo::run`], with what the client wrote to stderr. The child runs on the blocking
+    /// pool, so the gateway on this runtime keeps serving it.
+    async fn run_with_stderr(
+        &self,
+        base_url: &str,
+        token: &str,
+        auth: &str,
+        operation: Option<&str>,
+    ) -> (Vec<Value>, String) {
         let mut cmd = Command::new("node");
         cmd.arg(self.dir.join("demo.js"))
             .current_dir(&self.dir)
@@ -348,7 +385,8 @@ impl Demo {
             done.stdout,
             done.stderr
         );
-        done.stdout
+        let lines = done
+            .stdout
             .lines()
             .map(|line| {
                 serde_json::from_str(line).unwrap_or_else(|e| {
@@ -358,7 +396,8 @@ impl Demo {
                     )
                 })
             })
-            .collect()
+            .collect();
+        (lines, done.stderr)
     }
 }
 

@@ -1,39 +1,32 @@
 //! Secrets never reach the logs: every operation (legacy and new forms, both prefixes, HTTP/1.1
-//! and HTTP/2, query-parameter credentials, gateway errors) runs with logs at trace level, in
-//! both formats, through the gateway's own subscriber; then no access token, client secret or
-//! Authorization value may appear anywhere in what was written.
+//! and HTTP/2, query-parameter credentials, gateway errors, the failed-check limiter in enforce
+//! and shadow mode, a caller who hangs up) runs with logs at trace level, in both formats,
+//! through the gateway's own subscriber; then no access token, client secret, Authorization
+//! value or credential hash may appear anywhere in what was written, nor in the metrics, the
+//! legacy-client report or the gateway's own error bodies.
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
-use oauth_apps_gateway::config::{LogConfig, LogFormat};
-use oauth_apps_gateway::logging;
+use oauth_apps_gateway::config::{FailedChecksMode, LogFormat};
 use support::{
-    CLIENT_ID, CLIENT_SECRET, basic_auth, call, get, h2c_client, http1_client, setup_with,
+    CLIENT_ID, CLIENT_SECRET, Gateway, basic_auth, call, config_for, get, h2c_client, http1_client,
+    http1_client_from, setup_with,
 };
 use tracing::level_filters::LevelFilter;
 
-/// Collects everything the subscriber writes.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-async fn exercise_everything() -> Vec<String> {
-    let (gh, gw) = setup_with(|c| c.server.request_timeout = Duration::from_millis(300)).await;
+/// Runs every path; returns the secrets used and what the gateway published (metrics, report,
+/// its own error bodies).
+async fn exercise_everything() -> (Vec<String>, String) {
+    let (gh, gw) = setup_with(|c| {
+        c.server.request_timeout = Duration::from_millis(300);
+        c.failed_checks.token.burst = 5;
+    })
+    .await;
+    let mut published = String::new();
     let mut secrets = vec![CLIENT_SECRET.to_owned(), basic_auth()];
     let auth = basic_auth();
     // Base64 of the credentials alone, as it sits in the header.
@@ -131,26 +124,77 @@ async fn exercise_everything() -> Vec<String> {
             assert_eq!(a.status, 400);
         }
     }
-    // Guess until the failed-check limiter answers 429 (its logs name the client_id only).
-    let mut limited = false;
-    for i in 0..40 {
-        let guess = format!("gho_guessed_secret_{i:04}");
+    // Guess tokens until the token-failure quota answers 429, then secrets from another
+    // address until the credential quota does (its logs name the client_id only).
+    let guess_until_429 = |auth: String, from: &'static str, prefix: &'static str| {
+        let gw_url = gw.url();
+        async move {
+            let mut guessed = Vec::new();
+            for i in 0..40 {
+                let guess = format!("gho_{prefix}_{i:04}");
+                guessed.push(guess.clone());
+                let url = format!("{gw_url}/applications/{CLIENT_ID}/tokens/{guess}");
+                let a = call(
+                    &http1_client_from(from),
+                    Method::GET,
+                    &url,
+                    &[("authorization", auth.as_str())],
+                    Bytes::new(),
+                )
+                .await;
+                if a.status == 429 {
+                    return (guessed, Some(a));
+                }
+            }
+            (guessed, None)
+        }
+    };
+    let (guessed, limited) = guess_until_429(auth.clone(), "127.0.0.1", "guessed_token").await;
+    secrets.extend(guessed);
+    let limited = limited.expect("the token quota never answered 429");
+    published.push_str(&String::from_utf8_lossy(&limited.body));
+    let wrong_secret = "wrong-secret-0123456789abcdef";
+    let wrong = support::basic(CLIENT_ID, wrong_secret);
+    secrets.extend([
+        wrong_secret.to_owned(),
+        wrong.clone(),
+        wrong.trim_start_matches("Basic ").to_owned(),
+    ]);
+    let (guessed, limited) = guess_until_429(wrong, "127.0.0.2", "guess_with_wrong_secret").await;
+    secrets.extend(guessed);
+    let limited = limited.expect("the credential quota never answered 429");
+    published.push_str(&String::from_utf8_lossy(&limited.body));
+    // Shadow mode, and a caller who hangs up, against an upstream slow to say 404.
+    let slow = support::upstream_answering(404, Duration::from_millis(300)).await;
+    let mut shadow = config_for(&slow);
+    shadow.failed_checks.mode = FailedChecksMode::Shadow;
+    shadow.failed_checks.token.burst = 1;
+    let gw2 = Gateway::start(shadow).await;
+    for i in 0..3 {
+        let guess = format!("gho_shadow_guess_{i:04}");
         secrets.push(guess.clone());
-        let url = format!("{}/applications/{CLIENT_ID}/tokens/{guess}", gw.url());
+        let url = format!("{}/applications/{CLIENT_ID}/tokens/{guess}", gw2.url());
         let a = call(
             &h1,
             Method::GET,
             &url,
             &[("authorization", auth.as_str())],
-            Bytes::new(),
+            "",
         )
         .await;
-        if a.status == 429 {
-            limited = true;
-            break;
-        }
+        assert_eq!(a.status, 404);
     }
-    assert!(limited, "the limiter never answered 429");
+    let gone = "gho_hung_up_guess_0000";
+    secrets.push(gone.to_owned());
+    let url = format!("{}/applications/{CLIENT_ID}/tokens/{gone}", gw2.url());
+    let hdrs = [("authorization", auth.as_str())];
+    let hung_up = call(&h2, Method::DELETE, &url, &hdrs, "");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), hung_up)
+            .await
+            .is_err()
+    );
+    gw2.shutdown().await;
     // access_token as a query parameter on a pass-through call, and a 504.
     let user_token = "gho_user_token_in_query_1234567890";
     secrets.push(user_token.to_owned());
@@ -158,24 +202,21 @@ async fn exercise_everything() -> Vec<String> {
     assert_eq!(a.status, 200);
     let a = get(&format!("{}/slow?access_token={user_token}", gw.url())).await;
     assert_eq!(a.status, 504);
+    published.push_str(&String::from_utf8_lossy(&a.body));
+    for page in ["metrics", "legacy-clients"] {
+        let a = get(&format!("{}/{page}", gw.admin_url())).await;
+        published.push_str(&String::from_utf8_lossy(&a.body));
+    }
     gw.shutdown().await;
-    secrets
+    (secrets, published)
 }
 
 async fn assert_no_secret_logged(format: LogFormat) {
-    let capture = Capture::default();
-    let cfg = LogConfig {
-        format,
-        level: LevelFilter::TRACE,
-    };
-    let writer = capture.clone();
-    let sub = logging::subscriber(&cfg, None, move || writer.clone()).unwrap();
-    // The test runs on a current-thread runtime, so every task the gateway spawns logs here.
-    let guard = tracing::subscriber::set_default(sub);
-    let secrets = exercise_everything().await;
+    let (guard, capture) = support::logs::capture(format, LevelFilter::TRACE);
+    let (secrets, published) = exercise_everything().await;
     drop(guard);
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     // The capture really holds trace-level output and the access events.
     assert!(
         logs.contains("TRACE") || logs.contains("\"level\":\"TRACE\""),
@@ -190,6 +231,25 @@ async fn assert_no_secret_logged(format: LogFormat) {
         "pass_through",
     ] {
         assert!(logs.contains(op), "no access event for {op}");
+    }
+    for path in ["answered 429", "shadow mode", "client_gone"] {
+        assert!(logs.contains(path), "the {path} path was not exercised");
+    }
+    // A credential hash, printed as hex, would be a run of 32 or more hex digits.
+    let longest_hex_run = logs
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        longest_hex_run < 32,
+        "a {longest_hex_run}-digit hex run was logged"
+    );
+    for secret in &secrets {
+        assert!(
+            !published.contains(secret.as_str()),
+            "a secret is in the metrics, the report or an error body"
+        );
     }
     for secret in &secrets {
         assert!(!secret.is_empty());

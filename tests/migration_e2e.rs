@@ -51,7 +51,11 @@ fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
 
 #[tokio::test]
 async fn reject_mode_answers_410_naming_the_replacement_and_forwards_nothing() {
-    let (gh, gw) = setup_with(|c| set_all_modes(c, Mode::Reject)).await;
+    let (gh, gw) = setup_with(|c| {
+        set_all_modes(c, Mode::Reject);
+        c.migration.deprecation_headers = true;
+    })
+    .await;
     let token = gh.issue_token(CLIENT_ID, "octocat");
     let cases = [
         (
@@ -119,7 +123,11 @@ fn set_all_modes(c: &mut Config, mode: Mode) {
 
 #[tokio::test]
 async fn observe_mode_forwards_the_legacy_call_unchanged() {
-    let (gh, gw) = setup_with(|c| set_all_modes(c, Mode::Observe)).await;
+    let (gh, gw) = setup_with(|c| {
+        set_all_modes(c, Mode::Observe);
+        c.migration.deprecation_headers = true;
+    })
+    .await;
     let token = gh.issue_token(CLIENT_ID, "octocat");
     let a = call_as_app(Method::GET, &legacy_url(&gw, &Method::GET, &token)).await;
     // The fake, like api.github.com, no longer serves the legacy form: its 404 comes through.
@@ -183,6 +191,7 @@ async fn per_operation_overrides_win_over_the_mode() {
 #[tokio::test]
 async fn every_response_to_a_legacy_call_is_signalled_and_others_are_not() {
     let (gh, gw) = setup_with(|c| {
+        c.migration.deprecation_headers = true;
         c.migration.deprecation.sunset =
             Some(std::time::UNIX_EPOCH + Duration::from_secs(1_620_172_800));
     })
@@ -223,7 +232,9 @@ async fn every_response_to_a_legacy_call_is_signalled_and_others_are_not() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
-    let gw = Gateway::start(config_for(&dead)).await;
+    let mut config = config_for(&dead);
+    config.migration.deprecation_headers = true;
+    let gw = Gateway::start(config).await;
     let a = call_as_app(Method::DELETE, &legacy_url(&gw, &Method::DELETE, "gho_x")).await;
     assert_eq!(a.status, 502);
     assert_deprecation_headers(&a, "502");
@@ -249,13 +260,26 @@ async fn every_response_to_a_legacy_call_is_signalled_and_others_are_not() {
 }
 
 #[tokio::test]
-async fn deprecation_headers_can_be_turned_off() {
-    let (gh, gw) = setup_with(|c| c.migration.deprecation_headers = false).await;
+async fn deprecation_headers_are_off_by_default() {
+    // On, they make @octokit/request (in @octokit/rest 16) log every legacy URL, token included.
+    let (gh, gw) = setup().await;
     let token = gh.issue_token(CLIENT_ID, "octocat");
-    let a = call_as_app(Method::GET, &legacy_url(&gw, &Method::GET, &token)).await;
-    assert_eq!(a.status, 200);
-    assert!(a.headers.get("deprecation").is_none());
-    assert!(a.headers.get("link").is_none());
+    let ok = call_as_app(Method::GET, &legacy_url(&gw, &Method::GET, &token)).await;
+    let not_found = call_as_app(Method::GET, &legacy_url(&gw, &Method::GET, "gho_unknown")).await;
+    let malformed = call_as_app(Method::GET, &legacy_url(&gw, &Method::GET, "")).await;
+    assert_eq!(
+        (
+            ok.status.as_u16(),
+            not_found.status.as_u16(),
+            malformed.status.as_u16()
+        ),
+        (200, 404, 400)
+    );
+    for a in [&ok, &not_found, &malformed] {
+        assert!(a.headers.get("deprecation").is_none());
+        assert!(a.headers.get("link").is_none());
+        assert!(a.headers.get("sunset").is_none());
+    }
 }
 
 #[tokio::test]

@@ -83,7 +83,7 @@ impl Default for RawMigration {
             operations: RawOperations::default(),
             status_compat: true,
             preview_accept: "application/vnd.github.doctor-strange-preview+json".into(),
-            deprecation_headers: true,
+            deprecation_headers: false,
             deprecation_date: "2020-02-14".into(),
             deprecation_link:
                 "https://developer.github.com/changes/2020-02-14-deprecating-oauth-app-endpoint/"
@@ -133,29 +133,42 @@ impl Default for RawMetrics {
     }
 }
 
-/// `[failed_checks]`: the limiter of failed token checks.
+/// `[failed_checks]`: the limiter of failed calls to the OAuth Applications API.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawFailedChecks {
     pub enabled: bool,
-    pub client_id_burst: u32,
-    pub client_id_replenish: String,
+    pub mode: String,
+    pub credential_burst: u32,
+    pub credential_replenish: String,
     pub client_ip_burst: u32,
     pub client_ip_replenish: String,
+    pub token_burst: u32,
+    pub token_replenish: String,
     pub max_tracked_keys: usize,
     pub trusted_proxies: Vec<String>,
+    /// Replaced by `credential_burst`: read only to say so.
+    pub client_id_burst: Option<toml::Value>,
+    /// Replaced by `credential_replenish`: read only to say so.
+    pub client_id_replenish: Option<toml::Value>,
 }
 
 impl Default for RawFailedChecks {
     fn default() -> Self {
         Self {
             enabled: true,
-            client_id_burst: 10,
-            client_id_replenish: "6s".into(),
+            mode: "enforce".into(),
+            credential_burst: 10,
+            credential_replenish: "6s".into(),
             client_ip_burst: 30,
             client_ip_replenish: "2s".into(),
+            // GitHub's primary rate limit for an app: 5,000 requests per hour.
+            token_burst: 5000,
+            token_replenish: "720ms".into(),
             max_tracked_keys: 100_000,
             trusted_proxies: Vec::new(),
+            client_id_burst: None,
+            client_id_replenish: None,
         }
     }
 }

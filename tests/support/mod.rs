@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_github;
+pub mod logs;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -136,6 +137,23 @@ pub fn http1_client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// An HTTP/1.1 client whose connections come from `local` (another loopback address, such as
+/// 127.0.0.2: Linux answers all of 127/8), to play a second caller.
+pub fn http1_client_from(local: &str) -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_local_address(Some(local.parse().expect("local address")));
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// `Authorization: Basic base64(client_id:secret)`.
+pub fn basic(client_id: &str, secret: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{client_id}:{secret}"))
+    )
+}
+
 /// An HTTP/2 prior-knowledge (h2c) client.
 pub fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new())
@@ -240,17 +258,32 @@ pub async fn scrape(gw: &Gateway) -> HashMap<String, f64> {
 /// A one-route upstream on 127.0.0.1:0 answering every request with `status` and a GitHub
 /// validation-error body, after `delay`. Returns its URL.
 pub async fn upstream_answering(status: u16, delay: Duration) -> String {
+    upstream_counting(status, delay).await.0
+}
+
+/// As [`upstream_answering`], also counting the requests it received (counted on arrival).
+pub async fn upstream_counting(
+    status: u16,
+    delay: Duration,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let counter = counter.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| async move {
-                    tokio::time::sleep(delay).await;
-                    let body = r#"{"message":"Validation Failed","errors":[{"resource":"OauthAccess","code":"invalid"}],"documentation_url":"https://docs.github.com/rest"}"#;
-                    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-                    *r.status_mut() = StatusCode::from_u16(status).expect("status");
-                    Ok::<_, std::convert::Infallible>(r)
+                let svc = hyper::service::service_fn(move |_req| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let body = r#"{"message":"Validation Failed","errors":[{"resource":"OauthAccess","code":"invalid"}],"documentation_url":"https://docs.github.com/rest"}"#;
+                        let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                        *r.status_mut() = StatusCode::from_u16(status).expect("status");
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -258,5 +291,5 @@ pub async fn upstream_answering(status: u16, delay: Duration) -> String {
             });
         }
     });
-    url
+    (url, count)
 }

@@ -1,0 +1,346 @@
+//! The upstream exchange: builds the upstream request from the plan, sends it, and settles the
+//! answer (failed-check charge, status compatibility, deprecation headers, observation). Once a
+//! request has been handed to the upstream it is seen through to the answer even when its client
+//! goes away: the exchange is then detached into a task of its own, and charged, counted and
+//! logged there. Also owns the drain bookkeeping: which requests are still open, and the cut-off
+//! at the end of the shutdown grace period.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full, Limited};
+use hyper::body::Incoming;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::body::{DeadlineBody, ProxyBody};
+use crate::headers::{add_accept_media_type, remove_hop_by_hop};
+use crate::limiter::Permit;
+use crate::metrics::LegacyAction;
+use crate::proxy::error::ProxyError;
+use crate::proxy::gate;
+use crate::proxy::observe::{Observation, Outcome};
+use crate::proxy::plan::Forward;
+use crate::proxy::{Inner, ProxySettings};
+use crate::upstream::{Upstream, UpstreamError, UpstreamRequestBody};
+
+/// Requests not yet accounted for, and the cut-off signal. Cheap to clone.
+#[derive(Clone)]
+pub struct Lifecycle {
+    shared: Arc<LifecycleShared>,
+}
+
+struct LifecycleShared {
+    open: AtomicUsize,
+    idle: Notify,
+    cut_off: watch::Sender<bool>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            shared: Arc::new(LifecycleShared {
+                open: AtomicUsize::new(0),
+                idle: Notify::new(),
+                cut_off: watch::Sender::new(false),
+            }),
+        }
+    }
+}
+
+/// Marks one request open until dropped.
+pub struct Open(Arc<LifecycleShared>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Lifecycle {
+    /// Marks a request open until the returned guard drops.
+    pub fn open(&self) -> Open {
+        self.shared.open.fetch_add(1, Ordering::AcqRel);
+        Open(self.shared.clone())
+    }
+
+    /// Requests open now, detached exchanges included.
+    pub fn open_count(&self) -> usize {
+        self.shared.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no request is open.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.shared.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open_count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends every open request now: each is answered 503 (when its client is still there) and
+    /// recorded with outcome `shutdown`.
+    pub fn cut_off(&self) {
+        self.shared.cut_off.send_replace(true);
+    }
+
+    /// Resolves when [`Lifecycle::cut_off`] is called (at once if it was).
+    pub fn cut_off_signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.shared.cut_off.subscribe();
+        async move {
+            // An error means the sender is gone: the gateway is stopping anyway.
+            let _ = rx.wait_for(|&cut| cut).await;
+        }
+    }
+}
+
+/// Builds the upstream request: the plan's method, path, body and `Authorization`; the client's
+/// other headers less hop-by-hop fields, `Host` and `Expect`.
+pub fn build(
+    mut parts: Parts,
+    body: Incoming,
+    forward: Forward,
+    upstream: &Upstream,
+    settings: &ProxySettings,
+) -> Request<UpstreamRequestBody> {
+    if let Some(method) = forward.method {
+        parts.method = method;
+    }
+    if let Some(auth) = forward.authorization {
+        parts.headers.insert(header::AUTHORIZATION, auth);
+    }
+    parts.uri = upstream.uri(forward.path_and_query);
+    parts.version = Version::HTTP_11; // let ALPN pick the upstream protocol
+    prepare_request_headers(&mut parts.headers);
+    let body = match forward.json_body {
+        Some(json) => {
+            set_json_body_headers(&mut parts.headers, json.len());
+            if let Some(media_type) = &settings.preview_accept {
+                add_accept_media_type(&mut parts.headers, media_type);
+            }
+            // The legacy request's own body (octokit sends none) is discarded.
+            drop(body);
+            Either::Left(Full::new(json))
+        }
+        None => {
+            let limit = usize::try_from(settings.max_request_body_bytes).unwrap_or(usize::MAX);
+            Either::Right(Limited::new(body, limit))
+        }
+    };
+    Request::from_parts(parts, body)
+}
+
+/// What one request still needs once forwarded.
+pub struct Pending {
+    /// Its observation.
+    pub obs: Observation,
+    /// Its failed-check permit, if it is held to a quota.
+    pub permit: Option<Permit>,
+    /// The whole-exchange deadline.
+    pub deadline: Instant,
+    /// The client's HTTP version, for the response.
+    pub version: Version,
+}
+
+/// How the exchange ended.
+enum Exchanged {
+    Answered(Response<Incoming>, std::time::Duration),
+    Failed(UpstreamError),
+    CutOff,
+}
+
+/// Sends `req` upstream and settles the answer. Dropped before the answer (the client went
+/// away), the exchange goes on in a task of its own and is settled there with outcome
+/// `client_gone`; reset and revoke are never sent twice.
+pub async fn run(
+    inner: Arc<Inner>,
+    req: Request<UpstreamRequestBody>,
+    pending: Pending,
+) -> Response<ProxyBody> {
+    let upstream = inner.upstream.clone();
+    let deadline = pending.deadline;
+    let cut_off = inner.lifecycle.cut_off_signal();
+    let exchange = async move {
+        let sent = Instant::now();
+        tokio::select! {
+            r = upstream.send(req, deadline) => match r {
+                Ok(resp) => Exchanged::Answered(resp, sent.elapsed()),
+                Err(e) => Exchanged::Failed(e),
+            },
+            () = cut_off => Exchanged::CutOff,
+        }
+    };
+    let mut detached = DetachOnDrop {
+        exchange: Some(Box::pin(exchange)),
+        rest: Some((inner, pending)),
+    };
+    let exchanged = match detached.exchange.as_mut() {
+        Some(exchange) => exchange.await,
+        None => Exchanged::CutOff, // not reached: set just above
+    };
+    detached.exchange = None;
+    match detached.rest.take() {
+        Some((inner, pending)) => settle(&inner, pending, exchanged, Outcome::Answered),
+        None => ProxyError::ShutDown.into_response(),
+    }
+}
+
+/// Holds an exchange while its client waits; on drop, finishes it in a task of its own.
+struct DetachOnDrop<F: Future<Output = Exchanged> + Send + 'static> {
+    exchange: Option<Pin<Box<F>>>,
+    rest: Option<(Arc<Inner>, Pending)>,
+}
+
+impl<F: Future<Output = Exchanged> + Send + 'static> Drop for DetachOnDrop<F> {
+    fn drop(&mut self) {
+        let (Some(exchange), Some((inner, pending))) = (self.exchange.take(), self.rest.take())
+        else {
+            return;
+        };
+        // Without a runtime (the process is ending) the observation records the request as is.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let exchanged = exchange.await;
+                settle(&inner, pending, exchanged, Outcome::ClientGone);
+            });
+        }
+    }
+}
+
+/// Settles an exchange: charges the answer to the failed-check quotas, shapes the response for
+/// the client, and records it.
+fn settle(
+    inner: &Inner,
+    mut pending: Pending,
+    exchanged: Exchanged,
+    outcome: Outcome,
+) -> Response<ProxyBody> {
+    let settings = &inner.settings;
+    match exchanged {
+        Exchanged::Answered(resp, elapsed) => {
+            pending.obs.upstream_answered(elapsed);
+            if let Some(permit) = pending.permit.take() {
+                let settle = gate::settle_for(pending.obs.call(), resp.status());
+                pending.obs.gate.charges = permit.settle(settle);
+                if pending.obs.gate.charges.iter().any(Option::is_some) {
+                    pending.obs.gate.tracked = inner.limiter.as_ref().map(|l| l.tracked());
+                }
+            }
+            let (mut parts, body) = resp.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            parts.version = pending.version;
+            let resp = Response::from_parts(
+                parts,
+                Either::Right(DeadlineBody::new(body, pending.deadline)),
+            );
+            answer(settings, pending.obs, resp, outcome)
+        }
+        Exchanged::Failed(e) => {
+            pending.obs.upstream_failed(&e);
+            let err = ProxyError::from_upstream(&e, settings.max_request_body_bytes);
+            answer(settings, pending.obs, err.into_response(), outcome)
+        }
+        Exchanged::CutOff => answer(
+            settings,
+            pending.obs,
+            ProxyError::ShutDown.into_response(),
+            Outcome::ShutDown,
+        ),
+    }
+}
+
+/// The last step of every request, forwarded or not: status compatibility and deprecation
+/// headers for a legacy call, then the observation.
+pub fn answer(
+    settings: &ProxySettings,
+    mut obs: Observation,
+    mut resp: Response<ProxyBody>,
+    outcome: Outcome,
+) -> Response<ProxyBody> {
+    if let Some((_, action)) = obs.call().legacy {
+        if action == LegacyAction::Rewritten
+            && settings.status_compat
+            && resp.status() == StatusCode::UNPROCESSABLE_ENTITY
+        {
+            // The legacy contract never lists 422 and promises 404 for a bad token.
+            *resp.status_mut() = StatusCode::NOT_FOUND;
+            obs.status_compat();
+        }
+        if let Some(d) = &settings.deprecation {
+            d.apply(resp.headers_mut());
+        }
+    }
+    obs.finish(resp.status(), outcome);
+    resp
+}
+
+/// Headers that describe the client's connection or were answered by the gateway itself are
+/// not forwarded; the upstream's `Host` is set by the client from the upstream URI.
+fn prepare_request_headers(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    // hyper answered `Expect: 100-continue` to the client when the body was first read.
+    headers.remove(header::EXPECT);
+    if let Some(auth) = headers.get_mut(header::AUTHORIZATION) {
+        auth.set_sensitive(true);
+    }
+}
+
+fn set_json_body_headers(headers: &mut HeaderMap, len: usize) {
+    headers.remove(header::CONTENT_ENCODING);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn idle_waits_for_every_open_request() {
+        let l = Lifecycle::default();
+        let a = l.open();
+        let b = l.open();
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move { l.idle().await }
+        });
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "one request is still open");
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("idle once the last one is done")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn cut_off_reaches_signals_taken_before_and_after() {
+        let l = Lifecycle::default();
+        let early = l.cut_off_signal();
+        l.cut_off();
+        let late = l.cut_off_signal();
+        tokio::time::timeout(Duration::from_secs(1), async {
+            early.await;
+            late.await;
+        })
+        .await
+        .expect("both resolve");
+    }
+}

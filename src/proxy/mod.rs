@@ -1,0 +1,210 @@
+//! The request path, as named stages, each in its own file:
+//! - [`plan`]: PURE; what to do with a request (answer it, or forward it rewritten or as is);
+//! - [`gate`]: the failed-check gate before forwarding, and the PURE rule of which answer is
+//!   which failure after it;
+//! - [`exchange`]: the upstream exchange, seen through even when the client goes away, and the
+//!   drain bookkeeping;
+//! - [`observe`]: the one place an outcome becomes metrics, log lines and an access event;
+//! - [`error`]: the gateway's own answers and the one error -> status mapping.
+//!
+//! Nothing on this path unwraps, and nothing it logs holds a token, secret, Authorization value,
+//! query string or raw path.
+
+mod error;
+mod exchange;
+mod gate;
+mod observe;
+mod plan;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::ProxyBody;
+use crate::classify::Operation;
+use crate::config::{Config, Mode, OperationModes};
+use crate::headers::DeprecationHeaders;
+use crate::limiter::FailedChecks;
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+pub use error::ProxyError;
+use exchange::{Lifecycle, Pending};
+use gate::Verdict;
+use observe::{Observation, Outcome};
+use plan::Plan;
+
+/// The parts of the configuration the request path reads. Built once per (re)load.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Whole-exchange deadline after forwarding starts (`server.request_timeout`); also the
+    /// longest a call waits at the failed-check gate.
+    pub request_timeout: std::time::Duration,
+    /// Largest request body forwarded, in bytes (`server.max_request_body_bytes`).
+    pub max_request_body_bytes: u64,
+    /// Media type added to `Accept` on rewritten calls (`migration.preview_accept`).
+    pub preview_accept: Option<HeaderValue>,
+    /// What is done with each legacy operation (`migration.mode`, `[migration.operations]`).
+    pub modes: OperationModes,
+    /// 422 to a rewritten call becomes 404 (`migration.status_compat`).
+    pub status_compat: bool,
+    /// Headers added to every response to a legacy call; `None` when
+    /// `migration.deprecation_headers` is false.
+    pub deprecation: Option<DeprecationHeaders>,
+}
+
+impl From<&Config> for ProxySettings {
+    fn from(c: &Config) -> Self {
+        let m = &c.migration;
+        Self {
+            request_timeout: c.server.request_timeout,
+            max_request_body_bytes: c.server.max_request_body_bytes,
+            preview_accept: m.preview_accept.clone(),
+            modes: m.modes,
+            status_compat: m.status_compat,
+            deprecation: m
+                .deprecation_headers
+                .then(|| DeprecationHeaders::new(&m.deprecation)),
+        }
+    }
+}
+
+impl ProxySettings {
+    /// The mode of a legacy operation.
+    pub fn mode(&self, op: Operation) -> Mode {
+        match op {
+            Operation::Check => self.modes.check,
+            Operation::Reset => self.modes.reset,
+            Operation::RevokeToken => self.modes.revoke_token,
+            Operation::RevokeGrant => self.modes.revoke_grant,
+            // Never a legacy operation; forwarded as is if it ever were.
+            Operation::ScopeToken => Mode::Observe,
+        }
+    }
+}
+
+/// The proxy service: cheap to clone (one `Arc`), shared by every connection.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    upstream: Upstream,
+    settings: ProxySettings,
+    metrics: Arc<Metrics>,
+    limiter: Option<Arc<FailedChecks>>,
+    lifecycle: Lifecycle,
+}
+
+impl fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Proxy")
+            .field("upstream", &self.inner.upstream)
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+impl Proxy {
+    /// A proxy forwarding to `upstream` with `settings`, recording into `metrics`, and limiting
+    /// failed calls with `limiter` (`None` when `failed_checks.enabled` is false).
+    pub fn new(
+        upstream: Upstream,
+        settings: ProxySettings,
+        metrics: Arc<Metrics>,
+        limiter: Option<Arc<FailedChecks>>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                upstream,
+                settings,
+                metrics,
+                limiter,
+                lifecycle: Lifecycle::default(),
+            }),
+        }
+    }
+
+    /// Serves one request. Never fails: errors become the gateway's own GitHub-shaped answers.
+    /// Every request is recorded once (metrics and an access event, target
+    /// `oauth_apps_gateway::access`), also when its client goes away: a request already
+    /// forwarded is then seen through to the upstream's answer, and charged by it. `peer` is the
+    /// TCP peer: the client, unless a trusted proxy forwarded the call.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let inner = &self.inner;
+        let settings = &inner.settings;
+        let started = std::time::Instant::now();
+        let open = inner.lifecycle.open();
+        let (parts, body) = req.into_parts();
+        let plan = plan::plan(&parts.method, &parts.uri, &parts.headers, settings);
+        let observe = |call| {
+            let method = parts.method.clone();
+            Observation::start(inner.metrics.clone(), started, method, call, open)
+        };
+        let (mut obs, forward) = match plan {
+            Plan::Answer(call, e) => {
+                tracing::debug!(error = %e, "answered by the gateway");
+                let resp = e.into_response();
+                return exchange::answer(settings, observe(call), resp, Outcome::Answered);
+            }
+            Plan::Forward(call, forward) => (observe(call), forward),
+        };
+        let wait_until = Instant::now() + settings.request_timeout;
+        let verdict = tokio::select! {
+            v = gate::admit(
+                inner.limiter.as_ref(),
+                obs.call(),
+                forward.authorization.as_ref(),
+                peer.ip(),
+                &parts.headers,
+                wait_until,
+            ) => Some(v),
+            () = inner.lifecycle.cut_off_signal() => None,
+        };
+        let Some(verdict) = verdict else {
+            let resp = ProxyError::ShutDown.into_response();
+            return exchange::answer(settings, obs, resp, Outcome::ShutDown);
+        };
+        match &verdict {
+            Verdict::Limited(b, waited) => {
+                obs.gate.limited = Some(*b);
+                obs.gate.waited = *waited;
+                let resp = ProxyError::TooManyFailures(*b).into_response();
+                return exchange::answer(settings, obs, resp, Outcome::Answered);
+            }
+            Verdict::WouldLimit(b, _) => obs.gate.would_limit = Some(*b),
+            Verdict::Pass(p) => obs.gate.waited = p.waited(),
+            Verdict::Open => {}
+        }
+        let pending = Pending {
+            obs,
+            permit: verdict.into_permit(),
+            deadline: Instant::now() + settings.request_timeout,
+            version: parts.version,
+        };
+        let upstream_req = exchange::build(parts, body, forward, &inner.upstream, settings);
+        exchange::run(inner.clone(), upstream_req, pending).await
+    }
+
+    /// Ends every request still open: each is answered 503 (when its client is still there) and
+    /// recorded with outcome `shutdown`. For the end of the shutdown grace period.
+    pub fn cut_off(&self) {
+        self.inner.lifecycle.cut_off();
+    }
+
+    /// Resolves once every request is accounted for, exchanges whose client went away included.
+    pub async fn idle(&self) {
+        self.inner.lifecycle.idle().await;
+    }
+
+    /// Requests not yet accounted for.
+    pub fn open_requests(&self) -> usize {
+        self.inner.lifecycle.open_count()
+    }
+}

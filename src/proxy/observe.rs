@@ -1,0 +1,319 @@
+//! The one place where the outcome of a request becomes its metrics, its log lines and its
+//! access event (target `oauth_apps_gateway::access`). An [`Observation`] is opened when a
+//! request arrives and travels with it, into a detached exchange too; if it is dropped unfinished
+//! (the client went away before anything was forwarded) its drop still records the request.
+//! Nothing recorded here holds a token, a client secret, an Authorization value, a credential
+//! hash, a query string, a raw path or a client address.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+
+use crate::classify::Operation;
+use crate::limiter::{BlockReason, Blocked, Charge, Charged, Tracked};
+use crate::metrics::{CredentialKind, GaugeGuard, Interruption, LegacyAction, Metrics};
+use crate::proxy::exchange::Open;
+use crate::proxy::plan::Call;
+use crate::upstream::UpstreamError;
+
+/// Status recorded for a request whose client went away before it was forwarded: nginx's
+/// "client closed request", as access-log readers know it.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// How a request ended, the access event's `outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response head was handed to the client's connection.
+    Answered,
+    /// The client went away first. A request already forwarded was seen through to the
+    /// upstream's answer and accounted for all the same.
+    ClientGone,
+    /// The end of the shutdown grace period cut it off.
+    ShutDown,
+}
+
+impl Outcome {
+    /// The value in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Answered => "answered",
+            Outcome::ClientGone => "client_gone",
+            Outcome::ShutDown => "shutdown",
+        }
+    }
+}
+
+/// What the failed-check gate did, for the record.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GateRecord {
+    /// Answered 429.
+    pub limited: Option<Blocked>,
+    /// Shadow mode: would have been answered 429.
+    pub would_limit: Option<Blocked>,
+    /// Waited for another call of its key to finish.
+    pub waited: bool,
+    /// The failures charged for its answer.
+    pub charges: [Option<Charge>; 2],
+    /// What the limiter tracked after charging, when something was charged.
+    pub tracked: Option<Tracked>,
+}
+
+/// One request being observed.
+pub struct Observation {
+    metrics: Arc<Metrics>,
+    started: Instant,
+    method: Method,
+    /// What the request is.
+    call: Call,
+    /// The gate's record.
+    pub gate: GateRecord,
+    upstream: Option<UpstreamRecord>,
+    status_compat: bool,
+    done: bool,
+    _in_flight: GaugeGuard,
+    _open: Open,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum UpstreamRecord {
+    Answered(Duration),
+    Failed,
+}
+
+impl Observation {
+    /// Opens the record of `call`, a request with `method` that arrived at `started`. `open`
+    /// keeps the drain waiting until the request is accounted for.
+    pub fn start(
+        metrics: Arc<Metrics>,
+        started: Instant,
+        method: Method,
+        call: Call,
+        open: Open,
+    ) -> Self {
+        Observation {
+            _in_flight: metrics.request_started(),
+            metrics,
+            started,
+            method,
+            call,
+            gate: GateRecord::default(),
+            upstream: None,
+            status_compat: false,
+            done: false,
+            _open: open,
+        }
+    }
+
+    /// What the request is.
+    pub fn call(&self) -> &Call {
+        &self.call
+    }
+
+    /// Records the upstream's response head, `elapsed` after forwarding.
+    pub fn upstream_answered(&mut self, elapsed: Duration) {
+        self.upstream = Some(UpstreamRecord::Answered(elapsed));
+    }
+
+    /// Records a failed upstream exchange and logs why (never a URL, header or body).
+    pub fn upstream_failed(&mut self, e: &UpstreamError) {
+        self.upstream = Some(UpstreamRecord::Failed);
+        if let UpstreamError::Failed { kind, .. } = e {
+            self.metrics.upstream_failure(*kind);
+        }
+        let operation = self.operation_label();
+        match e {
+            UpstreamError::Failed { kind, source } => {
+                let cause = source
+                    .as_deref()
+                    .map(|s| ErrorChain(s as &(dyn std::error::Error + 'static)));
+                tracing::warn!(
+                    kind = kind.as_str(),
+                    operation,
+                    cause = cause.map(tracing::field::display),
+                    "upstream exchange failed"
+                );
+            }
+            UpstreamError::RequestBodyTooLarge => {
+                tracing::info!(operation, "request body over the limit while streaming");
+            }
+            UpstreamError::RequestBody(source) => {
+                tracing::info!(operation, cause = %ErrorChain(source.as_ref()), "client request body failed");
+            }
+        }
+    }
+
+    /// Records that a 422 was passed to the legacy client as 404.
+    pub fn status_compat(&mut self) {
+        self.status_compat = true;
+    }
+
+    /// Records the request's end: the status sent (or that would have been sent) and how it
+    /// ended; writes its metrics, gate log lines and access event.
+    pub fn finish(mut self, status: StatusCode, outcome: Outcome) {
+        self.record(status.as_u16(), outcome);
+    }
+
+    fn operation_label(&self) -> &'static str {
+        self.call
+            .operation
+            .map_or("pass_through", Operation::as_str)
+    }
+
+    fn record(&mut self, status: u16, outcome: Outcome) {
+        self.done = true;
+        let m = &*self.metrics;
+        let elapsed = self.started.elapsed();
+        let call = &self.call;
+        let client_id = call.client_id.as_deref();
+        let (had_secret, had_token) = call.query_credentials;
+        if had_secret {
+            m.query_credential(CredentialKind::ClientSecret);
+        }
+        if had_token {
+            m.query_credential(CredentialKind::AccessToken);
+        }
+        if let Some(UpstreamRecord::Answered(d)) = self.upstream {
+            m.upstream_answered(call.class, d);
+        }
+        // A call the limiter answered was neither rewritten nor observed.
+        let legacy = call.legacy.map(|(op, action)| match self.gate.limited {
+            Some(_) => (op, LegacyAction::Limited),
+            None => (op, action),
+        });
+        if let Some((op, action)) = legacy {
+            if self.status_compat {
+                m.status_compat(op);
+            }
+            m.deprecated_call(op, action, client_id);
+        }
+        self.record_gate(client_id);
+        if let Ok(status) = StatusCode::from_u16(status) {
+            m.response(call.class, status, elapsed);
+        }
+        match outcome {
+            Outcome::Answered => {}
+            Outcome::ClientGone => m.interrupted(call.class, Interruption::ClientGone),
+            Outcome::ShutDown => m.interrupted(call.class, Interruption::ShutDown),
+        }
+        tracing::info!(
+            target: "oauth_apps_gateway::access",
+            method = %self.method,
+            route = call.class.as_str(),
+            operation = self.operation_label(),
+            action = legacy.map(|(_, a)| a.as_str()),
+            status,
+            outcome = outcome.as_str(),
+            duration_seconds = elapsed.as_secs_f64(),
+            client_id = %Escaped(client_id.unwrap_or("")),
+        );
+    }
+
+    fn record_gate(&self, client_id: Option<&str>) {
+        let m = &*self.metrics;
+        let g = &self.gate;
+        let client_id = Escaped(client_id.unwrap_or(""));
+        if let Some(b) = g.limited {
+            m.failed_check_rejected(b.class, b.kind);
+            tracing::info!(
+                class = b.class.as_str(),
+                key_kind = b.kind.as_str(),
+                reason = reason(b),
+                %client_id,
+                retry_after_seconds = b.retry_after_secs(),
+                "failed-check quota: answered 429"
+            );
+        }
+        if let Some(b) = g.would_limit {
+            m.failed_check_shadow(b.class, b.kind);
+            tracing::info!(
+                class = b.class.as_str(),
+                key_kind = b.kind.as_str(),
+                %client_id,
+                retry_after_seconds = b.retry_after_secs(),
+                "failed-check quota spent; forwarded (shadow mode), enforce would answer 429"
+            );
+        }
+        if g.waited {
+            m.failed_check_waited();
+        }
+        for c in g.charges.iter().flatten() {
+            match c.result {
+                Charged::Untracked => m.failed_check_untracked(c.class, c.kind),
+                Charged::Recorded => m.failed_check(c.class, c.kind),
+                Charged::Spent => {
+                    m.failed_check(c.class, c.kind);
+                    tracing::info!(
+                        class = c.class.as_str(),
+                        key_kind = c.kind.as_str(),
+                        %client_id,
+                        "failed-check quota spent"
+                    );
+                }
+            }
+        }
+        if let Some(t) = g.tracked {
+            m.failed_checks_tracked(t);
+        }
+    }
+}
+
+fn reason(b: Blocked) -> &'static str {
+    match b.reason {
+        BlockReason::Spent => "spent",
+        BlockReason::InFlight => "in_flight",
+    }
+}
+
+impl Drop for Observation {
+    fn drop(&mut self) {
+        if !self.done {
+            self.record(CLIENT_CLOSED_REQUEST, Outcome::ClientGone);
+        }
+    }
+}
+
+/// Displays an error and its sources, `a: b: c`. hyper, hyper-util and rustls errors carry no
+/// URL, header or body, so this is safe to log.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Displays client-supplied text with control characters escaped, so a crafted client_id cannot
+/// forge log lines in the text format.
+struct Escaped<'a>(&'a str);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaped_neutralises_control_characters() {
+        assert_eq!(Escaped("Iv1.abc").to_string(), "Iv1.abc");
+        assert_eq!(Escaped("a\nb\x1b[31m").to_string(), "a\\nb\\u{1b}[31m");
+    }
+}

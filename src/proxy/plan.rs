@@ -1,0 +1,361 @@
+//! PURE: what to do with a request, from its head and the settings: answer it from the gateway
+//! (malformed legacy path, legacy operation in mode `reject`, `CONNECT`, a body declared too
+//! large, an unusable query credential) or forward it, and how: the replacement method, path
+//! and JSON body of a rewritten legacy call, the query without deprecated credentials, and the
+//! `Authorization` value those credentials become. No I/O, clock or logging.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Method, Uri};
+
+use crate::classify::{
+    ClassifyError, LegacyCall, Malformed, Operation, Route, RouteClass, app_client_id, classify,
+};
+use crate::config::Mode;
+use crate::metrics::LegacyAction;
+use crate::proxy::ProxySettings;
+use crate::proxy::error::{ProxyError, replacement_of};
+use crate::rewrite::{QueryCredentials, replace_legacy, take_query_credentials};
+
+/// What a request is: the facts every later stage reads, decided once here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// Legacy, token API or pass-through (a bounded metric label).
+    pub class: RouteClass,
+    /// The token operation, legacy or new form.
+    pub operation: Option<Operation>,
+    /// For a legacy call: its operation and what the gateway does with it.
+    pub legacy: Option<(Operation, LegacyAction)>,
+    /// The app's client_id from the path, percent-decoded: of a legacy or token-API call, or of
+    /// any other `/applications/{client_id}/...` call. `None` elsewhere and for a malformed path.
+    pub client_id: Option<Box<str>>,
+    /// Deprecated query credentials removed: `(client_secret, access_token)`.
+    pub query_credentials: (bool, bool),
+}
+
+impl Call {
+    /// Whether this is a call to the OAuth Applications API of one app
+    /// (`/applications/{client_id}/...`), whose 401 is a credential failure.
+    pub fn is_app_call(&self) -> bool {
+        self.client_id.is_some()
+    }
+}
+
+/// How to forward a request.
+#[derive(Debug)]
+pub struct Forward {
+    /// The replacement method of a rewritten legacy call; `None` keeps the client's.
+    pub method: Option<Method>,
+    /// The path and query to send upstream.
+    pub path_and_query: PathAndQuery,
+    /// The JSON body of a rewritten legacy call (`{"access_token": ...}`); `None` streams the
+    /// client's own body.
+    pub json_body: Option<Bytes>,
+    /// `Authorization` built from deprecated query credentials, to set because the request has
+    /// none. Sensitive.
+    pub authorization: Option<HeaderValue>,
+}
+
+/// The decision for one request.
+#[derive(Debug)]
+pub enum Plan {
+    /// Answered by the gateway; never forwarded.
+    Answer(Call, ProxyError),
+    /// Forwarded as described.
+    Forward(Call, Forward),
+}
+
+/// Decides what to do with a request whose method is `method`, target `uri` and header fields
+/// `headers`. Allocates only the client_id of an OAuth Applications call (it outlives the request
+/// head: a call whose client went away is still accounted for) and what a rewrite builds.
+pub fn plan(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &ProxySettings) -> Plan {
+    let route = match classify(method, uri.path()) {
+        Ok(route) => route,
+        Err(e) => {
+            let call = Call {
+                class: RouteClass::Legacy,
+                operation: Some(e.operation),
+                legacy: Some((e.operation, LegacyAction::Malformed)),
+                client_id: None,
+                query_credentials: (false, false),
+            };
+            return Plan::Answer(call, ProxyError::MalformedLegacy(e));
+        }
+    };
+    let legacy_mode = match &route {
+        Route::Legacy(c) => Some((c, settings.mode(c.operation))),
+        _ => None,
+    };
+    let mut call = Call {
+        class: route.class(),
+        operation: route.operation(),
+        legacy: legacy_mode.map(|(c, mode)| {
+            let action = match mode {
+                Mode::Rewrite => LegacyAction::Rewritten,
+                Mode::Observe => LegacyAction::Observed,
+                Mode::Reject => LegacyAction::Rejected,
+            };
+            (c.operation, action)
+        }),
+        client_id: match &route {
+            Route::PassThrough => app_client_id(uri.path()).map(Box::from),
+            r => r.client_id().map(Box::from),
+        },
+        query_credentials: (false, false),
+    };
+    if let Some((c, Mode::Reject)) = legacy_mode {
+        let gone = ProxyError::Gone {
+            operation: c.operation,
+            replacement: replacement_of(c),
+        };
+        return Plan::Answer(call, gone);
+    }
+    // A CONNECT would make the upstream connection a tunnel for the client.
+    if method == Method::CONNECT {
+        return Plan::Answer(call, ProxyError::MethodNotAllowed);
+    }
+    let limit = settings.max_request_body_bytes;
+    if content_length(headers).is_some_and(|len| len > limit) {
+        return Plan::Answer(call, ProxyError::PayloadTooLarge { limit });
+    }
+
+    let creds = match uri.query() {
+        Some(q) => take_query_credentials(q),
+        None => QueryCredentials::default(),
+    };
+    call.query_credentials = (creds.had_client_secret, creds.had_access_token);
+    // The client's own header wins; the parameters are removed either way. The OAuth
+    // Applications API authenticates the app (Basic); elsewhere a user token wins.
+    let authorization = if creds.removed_any() && !headers.contains_key(header::AUTHORIZATION) {
+        match creds.authorization(call.is_app_call() || call.operation.is_some()) {
+            Ok(v) => v,
+            Err(e) => return Plan::Answer(call, ProxyError::InvalidQueryCredential(e)),
+        }
+    } else {
+        None
+    };
+
+    let rewrite: Option<&LegacyCall<'_>> = match legacy_mode {
+        Some((c, Mode::Rewrite)) => Some(c),
+        _ => None,
+    };
+    let forward = match rewrite {
+        Some(c) => match replace_legacy(c, creds.remaining.as_deref()) {
+            Some(r) => Forward {
+                method: Some(r.method),
+                path_and_query: r.path_and_query,
+                json_body: Some(r.body),
+                authorization,
+            },
+            None => {
+                let e = ClassifyError {
+                    operation: c.operation,
+                    problem: Malformed::Unrewritable,
+                };
+                return Plan::Answer(call, ProxyError::MalformedLegacy(e));
+            }
+        },
+        None => Forward {
+            method: None,
+            path_and_query: if creds.removed_any() {
+                rebuild_path_and_query(uri.path(), creds.remaining.as_deref())
+            } else {
+                uri.path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/"))
+            },
+            json_body: None,
+            authorization,
+        },
+    };
+    Plan::Forward(call, forward)
+}
+
+fn rebuild_path_and_query(path: &str, query: Option<&str>) -> PathAndQuery {
+    let path = if path.is_empty() { "/" } else { path };
+    let built = match query {
+        Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
+        None => PathAndQuery::try_from(path),
+    };
+    // Both pieces come from a valid request URI; "/" is only a guard.
+    built.unwrap_or_else(|_| PathAndQuery::from_static("/"))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn settings(adjust: impl FnOnce(&mut Config)) -> ProxySettings {
+        let mut c = Config::default();
+        adjust(&mut c);
+        ProxySettings::from(&c)
+    }
+
+    /// `(status answered | "forward METHOD path+query", class, action, client_id)`.
+    fn run(s: &ProxySettings, method: &str, target: &str, auth: bool) -> String {
+        let uri: Uri = target.parse().unwrap();
+        let mut headers = HeaderMap::new();
+        if auth {
+            headers.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_static("Basic eDp5"),
+            );
+        }
+        let method: Method = method.parse().unwrap();
+        let (call, what) = match plan(&method, &uri, &headers, s) {
+            Plan::Answer(call, e) => (call, http::StatusCode::from(&e).as_str().to_owned()),
+            Plan::Forward(call, f) => {
+                let m = f.method.clone().unwrap_or(method.clone());
+                let body = f.json_body.map_or(String::new(), |b| {
+                    format!(" {}", String::from_utf8_lossy(&b))
+                });
+                let a = f.authorization.map_or("", |_| " +auth");
+                (call, format!("{m} {}{body}{a}", f.path_and_query))
+            }
+        };
+        format!(
+            "{what} | {} | {} | {}",
+            call.class.as_str(),
+            call.legacy.map_or("-", |(_, a)| a.as_str()),
+            call.client_id.as_deref().unwrap_or("-"),
+        )
+    }
+
+    #[test]
+    fn table() {
+        let rewrite = settings(|_| {});
+        let mut reject = settings(|_| {});
+        reject.modes.reset = Mode::Reject;
+        let mut observe = settings(|_| {});
+        observe.modes.check = Mode::Observe;
+        let cases: &[(&ProxySettings, &str, &str, bool, &str)] = &[
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a/tokens/gho_t",
+                true,
+                "POST /applications/Iv1.a/token {\"access_token\":\"gho_t\"} | legacy | rewritten | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "DELETE",
+                "/api/v3/applications/Iv1.a/grants/gho_t?x=1",
+                true,
+                "DELETE /api/v3/applications/Iv1.a/grant?x=1 {\"access_token\":\"gho_t\"} | legacy | rewritten | Iv1.a",
+            ),
+            (
+                &observe,
+                "GET",
+                "/applications/Iv1.a/tokens/gho_t",
+                true,
+                "GET /applications/Iv1.a/tokens/gho_t | legacy | observed | Iv1.a",
+            ),
+            (
+                &reject,
+                "POST",
+                "/applications/Iv1.a/tokens/gho_t",
+                true,
+                "410 | legacy | rejected | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a/tokens/",
+                true,
+                "400 | legacy | malformed | -",
+            ),
+            (
+                &rewrite,
+                "POST",
+                "/applications/Iv1.a/token",
+                true,
+                "POST /applications/Iv1.a/token | token_api | - | Iv1.a",
+            ),
+            // Any other call of one app is an app call: its 401s are credential failures.
+            (
+                &rewrite,
+                "DELETE",
+                "/applications/Iv1.a/tokens",
+                true,
+                "DELETE /applications/Iv1.a/tokens | pass_through | - | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/user",
+                false,
+                "GET /user | pass_through | - | -",
+            ),
+            (
+                &rewrite,
+                "CONNECT",
+                "/user",
+                false,
+                "405 | pass_through | - | -",
+            ),
+            // Query credentials become Authorization (Basic for the app), unless one is sent.
+            (
+                &rewrite,
+                "DELETE",
+                "/applications/Iv1.a/grants/gho_t?client_id=Iv1.a&client_secret=s",
+                false,
+                "DELETE /applications/Iv1.a/grant {\"access_token\":\"gho_t\"} +auth | legacy | rewritten | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "DELETE",
+                "/applications/Iv1.a/grants/gho_t?client_id=Iv1.a&client_secret=s",
+                true,
+                "DELETE /applications/Iv1.a/grant {\"access_token\":\"gho_t\"} | legacy | rewritten | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/user?access_token=gho_u&page=2",
+                false,
+                "GET /user?page=2 +auth | pass_through | - | -",
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/user?access_token=%0A",
+                false,
+                "400 | pass_through | - | -",
+            ),
+        ];
+        for (s, method, target, auth, want) in cases {
+            assert_eq!(run(s, method, target, *auth), *want, "{method} {target}");
+        }
+    }
+
+    #[test]
+    fn a_declared_body_over_the_limit_is_answered_413() {
+        let s = settings(|c| c.server.max_request_body_bytes = 10);
+        let uri: Uri = "/user".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("11"));
+        assert!(matches!(
+            plan(&Method::POST, &uri, &headers, &s),
+            Plan::Answer(_, ProxyError::PayloadTooLarge { limit: 10 })
+        ));
+    }
+
+    #[test]
+    fn path_and_query_rebuilt_without_credentials() {
+        assert_eq!(rebuild_path_and_query("/user", Some("a=1")), "/user?a=1");
+        assert_eq!(rebuild_path_and_query("/user", None), "/user");
+        assert_eq!(rebuild_path_and_query("", None), "/");
+    }
+}
