@@ -167,6 +167,7 @@ pub async fn run_with_clock(
         async {
             let _ = admin_stopped.await;
         },
+        || {},
     ));
 
     let opts = ServeOptions {
@@ -201,7 +202,8 @@ pub async fn run_with_clock(
         readiness.set_draining();
         let _ = drain_started.set(tokio::time::Instant::now());
     };
-    let outcome = server::serve(listeners.proxy, make_service, opts, drain_signal).await;
+    let cut_off = || drained.cut_off();
+    let outcome = server::serve(listeners.proxy, make_service, opts, drain_signal, cut_off).await;
     let outcome = settle_open_requests(
         &drained,
         outcome,
@@ -215,9 +217,9 @@ pub async fn run_with_clock(
 }
 
 /// Waits, within what is left of the grace period, for requests still open once the listener
-/// drained: exchanges whose client went away are not connections, but they are accounted for
-/// when they end. What is still open when the grace period ends is cut off (answered 503 and
-/// recorded with outcome `shutdown`), and the drain reported as timed out.
+/// drained: exchanges whose client went away are no connection, but they are accounted for when
+/// they end. What is still open when the grace period ends is cut off (recorded with outcome
+/// `shutdown`), and the drain reported as timed out.
 async fn settle_open_requests(
     proxy: &Proxy,
     outcome: DrainOutcome,

@@ -17,6 +17,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+/// How long connections get to write what the cut-off at the end of the grace period answered,
+/// in seconds.
+const CUT_OFF_FLUSH: Duration = Duration::from_secs(1);
+
 /// Pause after a failed `accept` (e.g. out of file descriptors), in milliseconds, so the loop
 /// does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
@@ -42,12 +46,15 @@ pub enum DrainOutcome {
 
 /// Serves connections from `listener` until `shutdown` resolves, then stops accepting, lets
 /// in-flight requests finish within `opts.shutdown_grace`, and reports how the drain ended.
+/// When the grace period ends first, `cut_off` runs (the service is to answer what is still in
+/// flight at once) and connections get one more second to write those answers.
 /// `make_service` is called once per connection with the peer address.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     make_service: M,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
+    cut_off: impl FnOnce(),
 ) -> DrainOutcome
 where
     M: Fn(SocketAddr) -> S,
@@ -115,13 +122,17 @@ where
         grace_seconds = opts.shutdown_grace.as_secs_f64(),
         "shutdown: draining"
     );
-    match tokio::time::timeout(opts.shutdown_grace, graceful.shutdown()).await {
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    match tokio::time::timeout(opts.shutdown_grace, &mut drained).await {
         Ok(()) => {
             tracing::info!("shutdown: drain completed");
             DrainOutcome::Completed
         }
         Err(_) => {
-            tracing::warn!("shutdown: grace period ended with requests still in flight");
+            tracing::warn!("shutdown: grace period ended with requests still in flight; cut off");
+            cut_off();
+            let _ = tokio::time::timeout(CUT_OFF_FLUSH, &mut drained).await;
             DrainOutcome::TimedOut
         }
     }

@@ -206,3 +206,31 @@ async fn a_call_cut_off_by_the_end_of_the_grace_period_is_answered_503_and_logge
         lines[0]
     );
 }
+
+#[tokio::test]
+async fn a_pass_through_call_whose_client_hangs_up_is_abandoned_and_logged_499() {
+    let (_guard, logs) = capture(LogFormat::Text, LevelFilter::INFO);
+    let (gw, reached) = slow_404().await;
+    let client = h2c_client();
+    let url = format!("{}/user", gw.url());
+    let user = call(&client, Method::GET, &url, &[], "");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), user)
+            .await
+            .is_err()
+    );
+    let m = await_series(
+        &gw,
+        "oauth_apps_gateway_interrupted_requests_total{outcome=\"client_gone\",route=\"pass_through\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(reached.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        m["oauth_apps_gateway_responses_total{route=\"pass_through\",status=\"499\"}"], 1.0,
+        "not seen through: nothing of it is charged, so the upstream exchange is dropped"
+    );
+    let lines = logs.access_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("status=499"), "{}", lines[0]);
+}

@@ -1,10 +1,11 @@
 //! The real binary as an operator runs it: start with a config file, serve a rewritten call,
-//! stop on SIGTERM after draining, exit 0, and say in its log that the drain completed.
+//! stop on SIGTERM after draining, exit 0, and say in its log that the drain completed; a call
+//! still open when the grace period ends is answered 503 and logged before the process exits 1.
 
 mod support;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use http::Method;
@@ -17,11 +18,16 @@ async fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-#[tokio::test]
-async fn binary_serves_and_drains_on_sigterm() {
-    let gh = FakeGithub::start().await;
-    gh.add_app(CLIENT_ID, CLIENT_SECRET);
-    let token = gh.issue_token(CLIENT_ID, "octocat");
+/// The binary running with a config file in a temp dir.
+struct Running {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the binary forwarding to `upstream` with JSON logs and `shutdown_grace`, and waits
+/// until it listens.
+async fn start(upstream: &str, shutdown_grace: &str) -> Running {
     let port = free_port().await;
     let admin_port = free_port().await;
     let dir = tempfile::tempdir().unwrap();
@@ -29,8 +35,7 @@ async fn binary_serves_and_drains_on_sigterm() {
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[upstream]\nurl = {:?}\n[log]\nformat = \"json\"\n",
-            gh.url()
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = {shutdown_grace:?}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[upstream]\nurl = {upstream:?}\n[log]\nformat = \"json\"\n",
         ),
     )
     .unwrap();
@@ -42,24 +47,64 @@ async fn binary_serves_and_drains_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-
-    // Wait until it listens.
-    let url = format!("http://127.0.0.1:{port}");
-    let mut up = false;
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .is_ok()
         {
-            up = true;
-            break;
+            return Running {
+                child,
+                url: format!("http://127.0.0.1:{port}"),
+                _dir: dir,
+            };
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if !up {
-        let _ = child.kill();
-        panic!("gateway binary did not start listening");
-    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("gateway binary did not start listening");
+}
+
+/// Sends SIGTERM and returns the exit status and everything written to stdout.
+async fn terminate(mut running: Running) -> (ExitStatus, String) {
+    let status = Command::new("kill")
+        .args(["-TERM", &running.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = running.child.wait().unwrap();
+        let mut out = String::new();
+        running
+            .child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        (exit, out)
+    });
+    tokio::time::timeout(Duration::from_secs(10), exit)
+        .await
+        .expect("binary exits after SIGTERM")
+        .unwrap()
+}
+
+/// The JSON access events in `out`.
+fn access_events(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["target"] == "oauth_apps_gateway::access")
+        .collect()
+}
+
+#[tokio::test]
+async fn binary_serves_and_drains_on_sigterm() {
+    let gh = FakeGithub::start().await;
+    gh.add_app(CLIENT_ID, CLIENT_SECRET);
+    let token = gh.issue_token(CLIENT_ID, "octocat");
+    let running = start(&gh.url(), "5s").await;
+    let url = running.url.clone();
     let a = call_as_app(
         Method::GET,
         &format!("{url}/applications/{CLIENT_ID}/tokens/{token}"),
@@ -69,7 +114,7 @@ async fn binary_serves_and_drains_on_sigterm() {
 
     // SIGHUP does not stop it (reload is not implemented; the default action would kill it).
     let hup = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+        .args(["-HUP", &running.child.id().to_string()])
         .status()
         .unwrap();
     assert!(hup.success());
@@ -81,40 +126,45 @@ async fn binary_serves_and_drains_on_sigterm() {
     .await;
     assert_eq!(a.status, 200, "gateway stopped serving after SIGHUP");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || {
-        let exit = child.wait().unwrap();
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        (exit, out)
-    });
-    let (exit, out) = tokio::time::timeout(Duration::from_secs(10), exit)
-        .await
-        .expect("binary exits after SIGTERM")
-        .unwrap();
+    let (exit, out) = terminate(running).await;
     assert!(exit.success(), "exit {exit:?}\n{out}");
     assert!(out.contains("SIGTERM received"), "{out}");
     assert!(out.contains("drain completed"), "{out}");
-    // One JSON access event for the call, without the token.
-    let access: Vec<serde_json::Value> = out
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|v: &serde_json::Value| v["target"] == "oauth_apps_gateway::access")
-        .collect();
+    // One JSON access event per call, without the token.
+    let access = access_events(&out);
     assert_eq!(access.len(), 2, "{out}");
     assert!(out.contains("SIGHUP received"), "{out}");
     assert_eq!(access[0]["operation"], "check");
     assert_eq!(access[0]["status"], 200);
+    assert_eq!(access[0]["outcome"], "answered");
     assert_eq!(access[0]["client_id"], CLIENT_ID);
     assert!(access[0]["duration_seconds"].as_f64().unwrap() >= 0.0);
     assert!(!out.contains(&token));
+}
+
+#[tokio::test]
+async fn a_call_still_open_when_the_grace_period_ends_is_answered_503_and_logged() {
+    let upstream = support::upstream_answering(200, Duration::from_secs(30)).await;
+    let running = start(&upstream, "300ms").await;
+    let url = format!("{}/applications/{CLIENT_ID}/token", running.url);
+    let pending = tokio::spawn(async move {
+        let auth = support::basic_auth();
+        support::call(
+            &support::http1_client(),
+            Method::PATCH,
+            &url,
+            &[("authorization", auth.as_str())],
+            r#"{"access_token":"gho_t"}"#,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (exit, out) = terminate(running).await;
+    assert_eq!(exit.code(), Some(1), "a timed-out drain exits 1\n{out}");
+    let a = pending.await.unwrap();
+    assert_eq!(a.status, 503, "the cut-off answer reached the client");
+    let access = access_events(&out);
+    assert_eq!(access.len(), 1, "{out}");
+    assert_eq!(access[0]["outcome"], "shutdown");
+    assert_eq!(access[0]["status"], 503);
 }

@@ -708,7 +708,10 @@ mod tests {
 
     #[tokio::test]
     async fn token_failures_count_against_the_credential_only() {
-        let (l, _clock) = limiter(|c| c.token.burst = 3);
+        let (l, _clock) = limiter(|c| {
+            c.token.burst = 3;
+            c.client_ip.burst = 1;
+        });
         let app = keys(&l, "right", "192.0.2.1");
         for _ in 0..3 {
             assert_eq!(fail(&l, app, FailureClass::Token, true).await, None);
@@ -718,7 +721,8 @@ mod tests {
             (b.class, b.kind),
             (FailureClass::Token, KeyKind::Credential)
         );
-        // Another credential at the same address is untouched; non-token calls are not held.
+        // Another credential at the same address is untouched (its one address failure is still
+        // there); non-token calls are not held.
         assert!(matches!(
             l.admit(keys(&l, "other", "192.0.2.1"), true, far()).await,
             Admission::Pass(_)

@@ -161,8 +161,12 @@ enum Exchanged {
 }
 
 /// Sends `req` upstream and settles the answer. Dropped before the answer (the client went
-/// away), the exchange goes on in a task of its own and is settled there with outcome
-/// `client_gone`; reset and revoke are never sent twice.
+/// away), a call to the OAuth Applications API goes on in a task of its own and is settled there
+/// with outcome `client_gone`, so its answer is charged and its status logged (reset and revoke do
+/// their damage whether or not anyone reads the answer; neither is ever sent twice). Any other
+/// call is abandoned and recorded with status 499. A detached exchange holds its failed-check
+/// slots, so a caller who hangs up has no more exchanges running than its keys have failures
+/// left, each for `server.request_timeout` at most.
 pub async fn run(
     inner: Arc<Inner>,
     req: Request<UpstreamRequestBody>,
@@ -182,6 +186,7 @@ pub async fn run(
         }
     };
     let mut detached = DetachOnDrop {
+        detach: pending.obs.call().is_app_call(),
         exchange: Some(Box::pin(exchange)),
         rest: Some((inner, pending)),
     };
@@ -196,14 +201,19 @@ pub async fn run(
     }
 }
 
-/// Holds an exchange while its client waits; on drop, finishes it in a task of its own.
+/// Holds an exchange while its client waits; on drop, when `detach`, finishes it in a task of
+/// its own.
 struct DetachOnDrop<F: Future<Output = Exchanged> + Send + 'static> {
+    detach: bool,
     exchange: Option<Pin<Box<F>>>,
     rest: Option<(Arc<Inner>, Pending)>,
 }
 
 impl<F: Future<Output = Exchanged> + Send + 'static> Drop for DetachOnDrop<F> {
     fn drop(&mut self) {
+        if !self.detach {
+            return;
+        }
         let (Some(exchange), Some((inner, pending))) = (self.exchange.take(), self.rest.take())
         else {
             return;

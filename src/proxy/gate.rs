@@ -35,19 +35,20 @@ impl Verdict {
     }
 }
 
-/// Runs the gate for `call`. Only calls to one app's OAuth Applications API are held: with the
-/// credential `authorization` presents (after query credentials were moved there), or the
-/// client_id alone, and the client address from `peer` and `headers`. Waits at most until
-/// `wait_until` while the call's keys have as many calls in flight as failures left.
+/// Runs the gate for `call`. Only calls to one app's OAuth Applications API are held (any other
+/// is [`Verdict::Open`]): with the credential `authorization` presents (after query credentials
+/// were moved there), or the client_id alone, and the client address from `peer` and `headers`.
+/// Waits at most until `wait_until` while the call's keys have as many calls in flight as
+/// failures left.
 pub async fn admit(
-    limiter: Option<&Arc<FailedChecks>>,
+    limiter: &Arc<FailedChecks>,
     call: &Call,
     authorization: Option<&HeaderValue>,
     peer: IpAddr,
     headers: &HeaderMap,
     wait_until: Instant,
 ) -> Verdict {
-    let (Some(limiter), Some(client_id)) = (limiter, call.client_id.as_deref()) else {
+    let Some(client_id) = call.client_id.as_deref() else {
         return Verdict::Open;
     };
     let authorization = authorization.or_else(|| headers.get(header::AUTHORIZATION));

@@ -155,17 +155,19 @@ impl Proxy {
             }
             Plan::Forward(call, forward) => (observe(call), forward),
         };
-        let wait_until = Instant::now() + settings.request_timeout;
-        let verdict = tokio::select! {
-            v = gate::admit(
-                inner.limiter.as_ref(),
-                obs.call(),
-                forward.authorization.as_ref(),
-                peer.ip(),
-                &parts.headers,
-                wait_until,
-            ) => Some(v),
-            () = inner.lifecycle.cut_off_signal() => None,
+        let verdict = match inner.limiter.as_ref().filter(|_| obs.call().is_app_call()) {
+            None => Some(Verdict::Open),
+            Some(limiter) => tokio::select! {
+                v = gate::admit(
+                    limiter,
+                    obs.call(),
+                    forward.authorization.as_ref(),
+                    peer.ip(),
+                    &parts.headers,
+                    Instant::now() + settings.request_timeout,
+                ) => Some(v),
+                () = inner.lifecycle.cut_off_signal() => None,
+            },
         };
         let Some(verdict) = verdict else {
             let resp = ProxyError::ShutDown.into_response();
