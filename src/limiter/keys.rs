@@ -22,7 +22,18 @@ const IPV6_KEY_PREFIX: u8 = 64;
 /// A keyed hash of the app credential a request presents. Opaque: its `Debug` shows nothing of
 /// the value, and it has no `Display`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CredentialKey([u8; CREDENTIAL_KEY_BYTES]);
+pub struct CredentialKey {
+    tag: [u8; CREDENTIAL_KEY_BYTES],
+    basic: bool,
+}
+
+impl CredentialKey {
+    /// Whether the request presented Basic credentials (rather than the client_id alone): only
+    /// those can be verified by the upstream's acceptance.
+    pub fn is_basic(&self) -> bool {
+        self.basic
+    }
+}
 
 impl fmt::Debug for CredentialKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -63,7 +74,8 @@ impl CredentialHasher {
     /// hashed under its own label, so no `client_id` alone equals any Basic credential.
     pub fn key(&self, authorization: Option<&HeaderValue>, client_id: &str) -> CredentialKey {
         let mut ctx = hmac::Context::with_key(&self.key);
-        match authorization.and_then(basic_token) {
+        let token = authorization.and_then(basic_token);
+        match token {
             Some(token) => {
                 ctx.update(b"basic\0");
                 ctx.update(token);
@@ -73,10 +85,12 @@ impl CredentialHasher {
                 ctx.update(client_id.as_bytes());
             }
         }
-        let tag = ctx.sign();
-        let mut key = [0u8; CREDENTIAL_KEY_BYTES];
-        key.copy_from_slice(&tag.as_ref()[..CREDENTIAL_KEY_BYTES]);
-        CredentialKey(key)
+        let mut tag = [0u8; CREDENTIAL_KEY_BYTES];
+        tag.copy_from_slice(&ctx.sign().as_ref()[..CREDENTIAL_KEY_BYTES]);
+        CredentialKey {
+            tag,
+            basic: token.is_some(),
+        }
     }
 }
 
@@ -193,6 +207,7 @@ mod tests {
             assert_ne!(*k, app, "case {i}");
         }
         assert_eq!(cases[1], cases[2], "no credential: the client_id alone");
+        assert!(app.is_basic() && !cases[1].is_basic());
         // A client_id alone never equals a Basic credential that spells the same bytes.
         assert_ne!(
             h.key(None, "Iv1-app"),

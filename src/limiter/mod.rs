@@ -249,11 +249,6 @@ impl FailedChecks {
         }
     }
 
-    /// The client address of a request (for callers that need no credential key).
-    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        address_key(self.addresses.resolve(peer, headers))
-    }
-
     /// Whether the upstream accepted this credential within the last hour.
     pub fn is_verified(&self, key: &CredentialKey) -> bool {
         let now = self.now_nanos();
@@ -456,10 +451,13 @@ impl FailedChecks {
                 ),
                 None,
             ],
-            Settle::Accepted => {
+            // Only a credential the caller presented can be verified: a 2xx to a call with no
+            // Basic credentials proves nothing about whoever else names the same client_id.
+            Settle::Accepted if keys.credential.is_basic() => {
                 self.verify(&keys.credential);
                 [None, None]
             }
+            Settle::Accepted => [None, None],
             Settle::Neutral => [None, None],
         }
     }
@@ -807,6 +805,22 @@ mod tests {
             panic!()
         };
         assert_eq!(b.retry_after, Duration::from_secs(6));
+    }
+
+    #[tokio::test]
+    async fn only_presented_credentials_are_verified() {
+        let (l, _clock) = limiter(|_| {});
+        let anonymous = l.keys(
+            None,
+            "Iv1.app",
+            "192.0.2.1".parse().unwrap(),
+            &HeaderMap::new(),
+        );
+        let Admission::Pass(p) = l.admit(anonymous, false, far()).await else {
+            panic!()
+        };
+        p.settle(Settle::Accepted);
+        assert!(!l.is_verified(&anonymous.credential));
     }
 
     #[tokio::test]
