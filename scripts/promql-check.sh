@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Proves README.md's PromQL against a running gateway. Starts, on 127.0.0.1 only: the fake GitHub
-# (examples/fake-github.rs), a tiny node upstream that answers 422 (slowly for one client_id, 401
-# on /unauthorized paths) or hangs up, the gateway (restarted for each step: observe, rewrite,
-# reject with an override, upstream failures, then two runs of the failed-check limiter) and a
-# Prometheus server scraping the gateway's admin /metrics every second. Traffic comes from the
-# real legacy client (tests/legacy-client/demo.js, both auth styles), curl and a small node burst.
+# (examples/fake-github.rs), a tiny node upstream that answers 422 (401 on /unauthorized paths,
+# 401 after 1 s for one client_id) or hangs up, the gateway (restarted for each step: observe,
+# rewrite, reject with an override, upstream failures, then three runs of the failed-check limiter:
+# README's "Trying it", concurrent guesses, shadow mode) and a Prometheus server scraping the
+# gateway's admin /metrics every second. Traffic comes from the real legacy client
+# (tests/legacy-client/demo.js, both auth styles), curl and a small node burst.
 # Every query in README's ```promql blocks is run through Prometheus's HTTP API and its answer
 # checked against what this script sent; `promtool check metrics` runs on the scrapes.
 #
 # The failed-check limiter ([failed_checks], on by default) is part of what is counted: each call
-# is tallied with what the limiter did to it (charged a failure, answered 429, nothing), and a
-# 429 is only accepted where the traffic was built to produce one. Step 1 switches it off (see
-# there); steps 6 and 7 exercise it with their own client_ids and addresses.
+# is tallied with what the limiter did to it (charged a credential or a token failure, answered
+# 429 naming a quota, nothing), and a 429 is only accepted where the traffic was built to produce
+# one. Step 1 switches it off (see there); steps 6 to 8 exercise it with their own credentials and
+# addresses. Deprecation headers are off by default: steps 1 and 2 check that they are absent (and
+# that the legacy client prints no token or secret), steps 3, 5 and 6 turn them on to check them.
 #
 #   bash scripts/promql-check.sh        # needs cargo, node (+ tests/legacy-client/install.sh),
 #                                       # curl, jq, prometheus and promtool (Debian: prometheus)
@@ -96,7 +99,8 @@ start_fake() { # a fresh fake GitHub (seeded token valid again)
 
 start_stub() { # answers every request 422 (GitHub's validation error), hangs up on paths with
   # /drop, answers 401 (a wrong client secret) on paths with /unauthorized, and answers calls for
-  # client_id Iv1.slow after 1 s, counting them: GET /__count (straight to the stub) tells how many.
+  # client_id Iv1.slow 401 after 1 s, counting them: GET /__count (straight to the stub) tells how
+  # many.
   cat >"$WORK/stub.js" <<'EOF'
 const http = require("http");
 const json = { "content-type": "application/json; charset=utf-8" };
@@ -108,13 +112,11 @@ http.createServer((req, res) => {
   if (req.url.includes("/drop")) { req.socket.destroy(); return; }
   req.resume();
   req.on("end", () => {
-    if (req.url.includes("/unauthorized")) {
-      res.writeHead(401, json);
-      res.end(JSON.stringify({ message: "Bad credentials", documentation_url: "https://docs.github.com/rest" }));
-      return;
-    }
-    const delay = req.url.startsWith("/applications/Iv1.slow/") ? (slow++, 1000) : 0;
-    setTimeout(() => { res.writeHead(422, json); res.end(body); }, delay);
+    const unauthorized = () => { res.writeHead(401, json);
+      res.end(JSON.stringify({ message: "Bad credentials", documentation_url: "https://docs.github.com/rest" })); };
+    if (req.url.includes("/unauthorized")) { unauthorized(); return; }
+    if (req.url.startsWith("/applications/Iv1.slow/")) { slow++; setTimeout(unauthorized, 1000); return; }
+    res.writeHead(422, json); res.end(body);
   });
 }).listen(Number(process.argv[2]), "127.0.0.1");
 EOF
@@ -146,15 +148,16 @@ EOF
 PROC=0
 UPSTREAM_KIND=""   # fake | stub | dead | tls: decides the expected outcome of a call
 declare -A MODE    # MODE[op] = rewrite | observe | reject for the running process
-LIMITER=on         # on | off: [failed_checks] enabled for the running process
+LIMITER=on         # on | off | shadow: [failed_checks] enabled (and its mode) for the running process
 
 start_gateway() { # start_gateway UPSTREAM MODE MIGRATION_TOML FAILED_CHECKS_TOML [op=mode...]
   # UPSTREAM: fake | stub | dead (nothing listens) | tls (https to the fake's plain port) |
-  # timeout (the fake, with request_timeout = "1s"). FAILED_CHECKS_TOML: keys of
-  # [failed_checks], "" for the defaults (the limiter on).
+  # timeout (the fake, with request_timeout = "1s"). MIGRATION_TOML: extra keys of [migration]
+  # (e.g. deprecation_headers = true). FAILED_CHECKS_TOML: keys of [failed_checks], "" for the
+  # defaults (the limiter on, mode enforce).
   local kind="$1" mode="$2" extra="$3" limiter_toml="$4" url op o server=""; shift 4
   LIMITER=on
-  case "$limiter_toml" in *"enabled = false"*) LIMITER=off ;; esac
+  case "$limiter_toml" in *"enabled = false"*) LIMITER=off ;; *'mode = "shadow"'*) LIMITER=shadow ;; esac
   case "$kind" in
     fake) url="http://127.0.0.1:$FAKE_PORT" ;;
     timeout) url="http://127.0.0.1:$FAKE_PORT" server='request_timeout = "1s"' ;;
@@ -211,34 +214,35 @@ TALLY="$WORK/tally"; : >"$TALLY"
 record() { echo "$PROC $*" >>"$TALLY"; }
 
 now() { date +%s.%N; }
-sleep_until() { # sleep_until UNIX_TIME (fractional)
-  sleep "$(awk -v t="$1" -v n="$(now)" 'BEGIN { d = t - n; printf "%.3f", (d > 0 ? d : 0) }')"
-}
 
-# What the failed-check limiter did to a call (README "What counts as a failure"): "charged" (a
-# failure charged to the client_id and the client address; every call here has a client_id),
-# "429:client_id" or "429:client_ip" (answered 429, by the key kind its message names), or "-".
-# Charged: a forwarded token operation (legacy rewritten or observed, or the replacement API)
-# the upstream answered 404 or 422 (a rewritten 422 reaches the app as 404), or any call under
-# /applications/{client_id}/ answered 401; only while the limiter is on.
+# What the failed-check limiter did to a call (README "What counts as a failure"): "cred" (a
+# credential failure, charged to the credential and the client address), "token" (a token
+# failure, charged to the credential), "429:CLASS:KIND" (answered 429, by the quota its message
+# names), "shadow:CLASS:KIND" (shadow mode forwarded what enforce would have refused: nothing
+# charged; set by the caller through LIM_OVERRIDE, the answer cannot tell), or "-".
+# A credential failure: any call under /applications/{client_id}/ answered 401. A token failure: a
+# forwarded token operation (legacy rewritten or observed, or the replacement API) the upstream
+# answered 404 or 422 (a rewritten 422 reaches the app as 404). Only while the limiter is on.
 lim_col() { # lim_col ROUTE ACTION STATUS PATH MESSAGE_OF_A_429
   local route="$1" action="$2" status="$3" path="$4" msg="$5"
+  if [ -n "${LIM_OVERRIDE:-}" ]; then echo "$LIM_OVERRIDE"; return; fi
   if [ "$status" = 429 ]; then
     case "$msg" in
-      *"from this client_id."*) echo 429:client_id ;;
-      *"from this client address."*) echo 429:client_ip ;;
+      *"wrong or missing client secret from these client credentials."*) echo 429:credential:credential ;;
+      *"wrong or missing client secret from this client address."*) echo 429:credential:client_ip ;;
+      *"invalid tokens from these client credentials."*) echo 429:token:credential ;;
       *) echo 429:unknown ;;
     esac
     return
   fi
-  if [ "$LIMITER" = on ]; then
+  if [ "$LIMITER" != off ]; then
+    if [ "$status" = 401 ] && [[ "$path" =~ ^(/api/v3)?/applications/[^/?]+/[^?]+ ]]; then
+      echo cred; return
+    fi
     case "$route:$action:$status" in
       legacy:rewritten:404 | legacy:rewritten:422 | legacy:observed:404 | legacy:observed:422 | \
-        token_api:-:404 | token_api:-:422) echo charged; return ;;
+        token_api:-:404 | token_api:-:422) echo token; return ;;
     esac
-    if [ "$status" = 401 ] && [[ "$path" =~ ^(/api/v3)?/applications/[^/?]+/[^?]+ ]]; then
-      echo charged; return
-    fi
   fi
   echo -
 }
@@ -259,7 +263,8 @@ action_of() { # the access-log and metric action of a well-formed legacy call of
   case "${MODE[$1]}" in rewrite) echo rewritten ;; observe) echo observed ;; reject) echo rejected ;; esac
 }
 
-legacy() { # legacy OP CLIENT_ID TOKEN [curl args]: one legacy call with curl, tallied
+legacy() { # legacy OP CLIENT_ID TOKEN [curl args]: one legacy call with curl, tallied; sends
+  # Basic CLIENT_ID:$SECRET (default: the fake's secret)
   local op="$1" cid="$2" token="$3" method path action status qcred="-"; shift 3
   case "$op" in
     check) method=GET path="tokens" ;; reset) method=POST path="tokens" ;;
@@ -268,7 +273,7 @@ legacy() { # legacy OP CLIENT_ID TOKEN [curl args]: one legacy call with curl, t
   action=$(action_of "$op")
   [ -n "$token" ] && [ -n "$cid" ] || action=malformed
   status=$(curl -s -o "$WORK/last-body" -D "$WORK/last-headers" -w '%{http_code}' -X "$method" \
-    -u "${cid:-x}:$CLIENT_SECRET" "$@" "$GW/applications/$cid/$path/$token")
+    -u "${cid:-x}:${SECRET:-$CLIENT_SECRET}" "$@" "$GW/applications/$cid/$path/$token")
   # A call the limiter answered 429 was neither rewritten nor observed: action "limited".
   if [ "$status" = 429 ] && { [ "$action" = rewritten ] || [ "$action" = observed ]; }; then
     action=limited
@@ -420,14 +425,18 @@ expect_by_column() { # expect_by_column COLUMN LABEL VALUES...: counts of column
     "$TALLY" | LC_ALL=C sort
 }
 total_legacy() { awk '$2 == "legacy"' "$TALLY" | wc -l; }
-expect_failed_checks() { # failures charged, per key kind: each one is charged to both keys
-  awk '$10 == "charged" { n++ }
-    END { printf "key_kind=client_id %d\nkey_kind=client_ip %d\n", n, n }' "$TALLY"
+QUOTAS="credential:credential credential:client_ip token:credential" # class:key_kind
+expect_failed_checks() { # failures charged, per quota: a credential failure to both of its class
+  awk '$10 == "cred" { c++ } $10 == "token" { t++ }
+    END { printf "class=credential,key_kind=client_ip %d\nclass=credential,key_kind=credential %d\nclass=token,key_kind=credential %d\n", c, c, t }' "$TALLY"
 }
-expect_rejected() { # the limiter's 429s, by the key kind the answer named
-  awk '{ n[$10]++ } END { printf "key_kind=client_id %d\nkey_kind=client_ip %d\n",
-    n["429:client_id"], n["429:client_ip"] }' "$TALLY"
+expect_per_quota() { # expect_per_quota PREFIX: tally entries "PREFIX:CLASS:KIND", one line per quota
+  awk -v p="$1" -v qs="$QUOTAS" '{ n[$10]++ } END { split(qs, q, " ")
+    for (i in q) { split(q[i], ck, ":"); printf "class=%s,key_kind=%s %d\n", ck[1], ck[2], n[p ":" q[i]] + 0 } }' \
+    "$TALLY" | LC_ALL=C sort
 }
+expect_rejected() { expect_per_quota 429; }   # the limiter's 429s, by the quota the answer named
+expect_shadow() { expect_per_quota shadow; }  # shadow mode's would-be 429s
 
 promtool_lint() { # promtool check metrics on a scrape of the admin listener: nothing reported
   local out
@@ -446,6 +455,14 @@ header_is() { # header_is NAME VALUE WHAT: the last response carried NAME: VALUE
   fi
 }
 
+no_header() { # no_header NAME WHAT: the last response did not carry NAME
+  if tr -d '\r' <"$WORK/last-headers" | grep -qi "^$1:"; then
+    fail "$2: a '$1' header in"; show "$(cat "$WORK/last-headers")" >&2
+  else
+    echo "ok    $2: no $1 header"
+  fi
+}
+
 expect_status() { # expect_status GOT WANT WHAT (a 429 is accepted only where it is expected)
   [ "$1" = "$2" ] && return 0
   fail "$3: status $1, expected $2$([ "$1" = 429 ] && echo " ($(jq -r .message "$WORK/last-body"))")"
@@ -461,18 +478,26 @@ expect_statuses() { # expect_statuses GOT WANT WHAT: a space-separated list of s
 repeat() { local i; for i in $(seq "$2"); do printf '%s ' "$1"; done; } # repeat WORD N
 last_word() { awk '{ print $NF }' <<<"$1"; }
 
-# expect_429 STATUS KIND RA_MIN RA_MAX WHAT: the last answer was the limiter's 429 naming KIND
-# ("client_id" or "client address"), RA_MIN <= Retry-After <= RA_MAX, no x-ratelimit-* header.
+# expect_429 STATUS QUOTA RA_MIN RA_MAX WHAT: the last answer was the limiter's 429 for QUOTA
+# (credential:credential, credential:client_ip or token:credential: class and key kind), with
+# RA_MIN <= Retry-After <= RA_MAX and no x-ratelimit-* header.
 expect_429() {
-  local status="$1" kind="$2" lo="$3" hi="$4" what="$5" ra msg
+  local status="$1" quota="$2" lo="$3" hi="$4" what="$5" ra msg what_failed whose
+  case "${quota%%:*}" in
+    credential) what_failed="calls with a wrong or missing client secret" ;;
+    token) what_failed="token operations on invalid tokens" ;;
+  esac
+  case "${quota#*:}" in
+    credential) whose="these client credentials" ;; client_ip) whose="this client address" ;;
+  esac
   ra=$(tr -d '\r' <"$WORK/last-headers" | awk 'tolower($1) == "retry-after:" { print $2 }')
   msg=$(jq -r .message "$WORK/last-body" 2>/dev/null || true)
   if [ "$status" = 429 ] && [[ "$ra" =~ ^[0-9]+$ ]] && [ "$ra" -ge "$lo" ] && [ "$ra" -le "$hi" ] \
-      && [ "$msg" = "Too many failed token checks from this $kind. Retry after $ra seconds." ] \
+      && [ "$msg" = "Too many failed $what_failed from $whose. Retry after $ra seconds." ] \
       && ! grep -qi '^x-ratelimit-' "$WORK/last-headers"; then
-    echo "ok    $what: 429, Retry-After: $ra ($kind)"
+    echo "ok    $what: 429, Retry-After: $ra ($quota)"
   else
-    fail "$what: status $status, Retry-After '$ra', message '$msg' (want 429 naming $kind, Retry-After $lo..$hi)"
+    fail "$what: status $status, Retry-After '$ra', message '$msg' (want 429 for $quota, Retry-After $lo..$hi)"
   fi
 }
 
@@ -527,10 +552,10 @@ check "deprecated traffic remains: no sample" \
 demo auth-object
 demo authenticate-basic
 s=$(legacy check "$CLIENT_ID" "$TOKEN"); expect_status "$s" 404 "observed check (fake has no legacy form)"
-header_is deprecation "$DEPRECATION" "observed 404"
-header_is link "$LINK" "observed 404"
+no_header deprecation "observed 404 (deprecation_headers is off by default)"
+no_header link "observed 404 (deprecation_headers is off by default)"
 s=$(legacy check "$CLIENT_ID" ""); expect_status "$s" 400 "malformed: empty token"
-header_is deprecation "$DEPRECATION" "malformed 400"
+no_header deprecation "malformed 400 (deprecation_headers is off by default)"
 settle # just after a scrape: the next one is about a second away
 s=$(legacy check "Iv1.oneoff" "gho_oneoff"); expect_status "$s" 404 "one-off client"
 for i in 1 2 3 4 5; do # a burst: all five calls before Prometheus first sees the series
@@ -564,13 +589,14 @@ check "query-parameter credentials moved into Authorization" \
   'sum by (kind) (increase(oauth_apps_gateway_query_credentials_total[1h]))' \
   "$(expect_by_column 7 kind access_token client_secret)" 0.05 0.5
 # The limiter is off: its series exist from the start at 0 and stay there, 404s or not.
-check "failed token operations charged, by key kind (limiter off: 0)" \
-  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_total[1h]))' \
+check "failures charged, by quota (limiter off: 0)" \
+  'sum by (class, key_kind) (increase(oauth_apps_gateway_failed_checks_total[1h]))' \
   "$(expect_failed_checks)"
 check "somebody turned away in the last 5 minutes (nobody: no sample)" \
-  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[5m])) > 0' ''
-[ "$(limiter_metrics | awk '$2 != 0')" = "" ] && [ "$(limiter_metrics | wc -l)" = 6 ] \
-  && echo "ok    limiter off: all six failed_checks series on /metrics, at 0" \
+  'sum by (class, key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[5m])) > 0' ''
+# 5 metrics x 3 quotas, the waits counter and the verified-credentials gauge.
+[ "$(limiter_metrics | awk '$2 != 0')" = "" ] && [ "$(limiter_metrics | wc -l)" = 17 ] \
+  && echo "ok    limiter off: all 17 failed_checks series on /metrics, at 0" \
   || { fail "limiter off: failed_checks series"; show "$(limiter_metrics)" >&2; }
 
 # /legacy-clients agrees with the tally of this process.
@@ -592,34 +618,31 @@ promtool_lint
 stop_gateway
 
 # Step 2: rewrite (the default), against a fresh fake so the seeded token is valid again.
-# Limiter ON (the default) with the known outcome README's "A real legacy client" describes:
-# the demo's own reset replaces the token, so its first run makes 6 failed token operations
-# (200 200, then 404 x 6) and a second run right after it reaches the client_id's burst of 10
-# after 4 more 404s: its last 4 calls, and the next token operation for that client_id, are
-# answered 429 (action "limited"). The client address has 30; nothing else here is limited.
-# Exact statuses are asserted when the two runs finish within 5 s of the first failure (a
-# client_id regains one failure every 6 s); the counts below follow from what each call got.
+# Limiter ON (the default): the demo's own reset replaces the token, so its first run makes 6
+# token failures (200 200, then 404 x 6) and the second 8 more. Token failures are charged to the
+# app's credential only, under the token quota (5,000 an hour by default): no 429. Deprecation
+# headers are off (the default): @octokit/request prints no warning, so neither run writes the
+# token or the secret to stderr (README "Tokens in app logs").
 start_fake
 start_gateway fake rewrite "" ""
-t_first=$(now)
 demo auth-object
 run1=$(jq -r .status "$WORK/demo.out" | xargs)
+cp "$WORK/demo.err" "$WORK/demo-1.err"
 demo authenticate-basic
 run2=$(jq -r .status "$WORK/demo.out" | xargs)
-warned=$(grep -c '^\[@octokit/request\] ".*" is deprecated' "$WORK/demo.err" || true)
 s=$(legacy check "$CLIENT_ID" "gho_invalid")
-if awk -v a="$t_first" -v b="$(now)" 'BEGIN { exit !(b - a < 5) }'; then
-  expect_statuses "$run1 $run2" "200 200 $(repeat 404 6) $(repeat 404 4) $(repeat 429 4)" \
-    "demo.js twice in quick succession: 429 after the client_id's tenth failure"
-  expect_429 "$s" client_id 1 6 "the next check for that client_id, invalid token or not"
+expect_statuses "$run1 $run2 $s" "200 200 $(repeat 404 6) $(repeat 404 8) 404" \
+  "demo.js twice, then an invalid token: token failures, never limited under the defaults"
+no_header deprecation "rewritten 404 (deprecation_headers is off by default)"
+warned=$(cat "$WORK/demo-1.err" "$WORK/demo.err" | grep -c '^\[@octokit/request\] ".*" is deprecated' || true)
+[ "$warned" = 0 ] && echo "ok    @octokit/request prints no deprecation warning under the default" \
+  || fail "@octokit/request warned $warned times with deprecation_headers off"
+if grep -qF -e "$TOKEN" -e "$CLIENT_SECRET" "$WORK/demo-1.err" "$WORK/demo.err"; then
+  fail "the legacy client printed the token or the secret under the default configuration"
 else
-  echo "note: the demo runs took 5 s or more; limiter outcomes counted as they came ($run1 / $run2 / $s)"
+  echo "ok    the legacy client printed neither the token nor the secret"
 fi
-[ "$s" != 429 ] || header_is deprecation "$DEPRECATION" "429 to a legacy call"
-[ "$warned" = 8 ] && echo "ok    @octokit/request warns on every answer of the second run, 429s included" \
-  || fail "@octokit/request warned $warned times in the second run, expected 8"
 s=$(legacy check "Iv1.unknown" "gho_invalid"); expect_status "$s" 404 "rewritten check, unknown app"
-header_is deprecation "$DEPRECATION" "rewritten 404"
 s=$(legacy check "$CLIENT_ID" ""); expect_status "$s" 400 "malformed: empty token"
 s=$(other pass_through GET "/nope"); expect_status "$s" 404 "pass-through /nope"
 grep -qi '^deprecation:' "$WORK/last-headers" && fail "Deprecation header on a pass-through call"
@@ -634,22 +657,22 @@ check "deprecated calls by operation and action" \
 check "deprecated calls by client_id since the gateway started (exact)" \
   'sort_desc(sum by (client_id) (oauth_apps_gateway_deprecated_calls_by_client_total))' \
   "$(expect_clients_now)"
-check "failed token operations charged, by key kind" \
-  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_total[1h]))' \
+check "failures charged, by quota (token failures only)" \
+  'sum by (class, key_kind) (increase(oauth_apps_gateway_failed_checks_total[1h]))' \
   "$(expect_failed_checks)" 0.05 0.5
-check "somebody turned away in the last 5 minutes (the client_id only)" \
-  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[5m])) > 0' \
+check "somebody turned away in the last 5 minutes (nobody: no sample)" \
+  'sum by (class, key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[5m])) > 0' \
   "$(expect_rejected | awk '$2 > 0')" 0.05 0.5
 grep -q 'action="rewritten"' "$WORK/gw-$PROC.log" || fail "no action=\"rewritten\" in the access log"
 grep -q 'action="malformed"' "$WORK/gw-$PROC.log" || fail "no action=\"malformed\" in the access log"
 promtool_lint
 stop_gateway
 
-# Step 3: reject, with check still rewritten; a sunset date is announced. Limiter ON (defaults):
-# rejected calls are never charged and the demo's checks succeed, so the one failed check below
-# (an invalid token) is all it counts; no 429.
+# Step 3: reject, with check still rewritten; deprecation headers on and a sunset date announced.
+# Limiter ON (defaults): rejected calls are never charged and the demo's checks succeed, so the
+# one token failure below (an invalid token) is all it counts; no 429.
 start_fake
-start_gateway fake reject 'sunset_date = "2027-06-30"' "" check=rewrite
+start_gateway fake reject $'deprecation_headers = true\nsunset_date = "2027-06-30"' "" check=rewrite
 demo auth-object
 demo authenticate-basic
 # @octokit/request reads the headers and warns on stderr, with the URL it called.
@@ -691,8 +714,8 @@ record pass_through - - 200 - - - - -
 stop_gateway
 
 # Step 4: status compatibility and a hang-up, against the stub (422 to everything). Limiter ON
-# (defaults): the three checks, the reset and the direct call are 5 failures charged to the
-# client_id (a 422 counts, though the legacy app sees 404), under its burst of 10: no 429.
+# (defaults): the three checks, the reset and the direct call are 5 token failures (a 422 counts,
+# though the legacy app sees 404), far under the token quota: no 429.
 start_gateway stub rewrite "" ""
 for i in 1 2 3; do
   s=$(legacy check "$CLIENT_ID" "gho_x$i"); expect_status "$s" 404 "422 to a rewritten check"
@@ -711,8 +734,9 @@ promtool_lint
 stop_gateway
 
 # Step 5: upstream failures of every kind. Limiter ON (defaults): a 502 or 504 is the gateway's
-# own answer, never a failure charged.
-start_gateway dead rewrite "" ""
+# own answer, never a failure charged. Deprecation headers on for the first run: the gateway's own
+# errors carry them too.
+start_gateway dead rewrite 'deprecation_headers = true' ""
 s=$(legacy check "$CLIENT_ID" "gho_x"); expect_status "$s" 502 "connect failure"
 header_is deprecation "$DEPRECATION" "502 on a legacy call"
 s=$(legacy revoke_grant "$CLIENT_ID" "gho_x"); expect_status "$s" 502 "connect failure"
@@ -746,93 +770,99 @@ stop_gateway
 
 # Step 6: the failed-check limiter with its defaults, against a fresh fake (README "Limiting failed
 # token checks"). Limiter ON, with trusted_proxies = ["127.0.0.1"] as in README's "Trying it", so
-# that curl can name the client address in X-Forwarded-For. Each block below uses its own
-# client_ids and addresses, so one block's failures do not spend another's quota; reset is
-# observed (an override) for the observe-mode block only.
+# that curl can name the client address in X-Forwarded-For; deprecation headers on, to check that
+# a 429 to a legacy call carries them. Each block below uses its own credentials and addresses, so
+# one block's failures do not spend another's quota; reset is observed (an override) for the
+# observe-mode block only.
 start_fake
-start_gateway fake rewrite "" 'trusted_proxies = ["127.0.0.1"]' reset=observe
+start_gateway fake rewrite 'deprecation_headers = true' 'trusted_proxies = ["127.0.0.1"]' reset=observe
 
-# README "Trying it", call for call (the 31 guesses send the demo secret; the fake answers 404
-# for an unknown app whatever the secret).
+# README "Trying it", call for call, from 203.0.113.7. The address regains one failure every 2 s:
+# exact statuses are asserted when the 30 credential failures came within 1.8 s of the first.
+X='X-Forwarded-For: 203.0.113.7'
+t_first=$(now)
 got=""
-for i in $(seq 10); do
-  got+="$(legacy check "$CLIENT_ID" "gho_guess$i" -H 'X-Forwarded-For: 203.0.113.7') "
-done
-expect_statuses "$got" "$(repeat 404 10)" "ten wrong guesses for $CLIENT_ID from 203.0.113.7"
-s=$(legacy check "$CLIENT_ID" "$TOKEN" -H 'X-Forwarded-For: 198.51.100.20')
-expect_429 "$s" client_id 6 6 "another address, a valid token, same client_id"
+for i in $(seq 11); do got+="$(SECRET=wrong legacy check "$CLIENT_ID" "$TOKEN" -H "$X") "; done
+expect_statuses "$got" "$(repeat 401 10) 429" "eleven checks with one wrong secret from 203.0.113.7"
+expect_429 "$(last_word "$got")" credential:credential 5 6 "the eleventh: its credential is spent"
 header_is deprecation "$DEPRECATION" "429 to a legacy call"
 header_is link "$LINK" "429 to a legacy call"
-sleep 6
-s=$(legacy check "$CLIENT_ID" "$TOKEN")
-[ "$s" = 200 ] && echo "ok    6 s later: a valid check passes (200)" \
-  || fail "6 s later: a valid check got $s, expected 200"
+s=$(legacy check "$CLIENT_ID" "$TOKEN" -H "$X")
+expect_status "$s" 200 "the app's own credential, from the same address"
 got=""
-for i in $(seq 31); do
-  got+="$(legacy check "Iv1.app$i" t -H 'X-Forwarded-For: 10.9.9.9, 198.51.100.50') "
-done
-expect_statuses "$got" "$(repeat 404 30) 429" "31 client_ids from 198.51.100.50 (10.9.9.9 ignored)"
-expect_429 "$(last_word "$got")" "client address" 2 2 "the 31st: the address's quota is spent"
+for i in $(seq 21); do got+="$(SECRET="guess$i" legacy check "$CLIENT_ID" "$TOKEN" -H "$X") "; done
+in_time=$(awk -v a="$t_first" -v b="$(now)" 'BEGIN { print (b - a < 1.8) ? 1 : 0 }')
+if [ "$in_time" = 1 ]; then
+  expect_statuses "$got" "$(repeat 401 20) 429" "21 new secrets from 203.0.113.7"
+  expect_429 "$(last_word "$got")" credential:client_ip 1 2 "the 21st: the address has had its 30"
+else
+  echo "note: the guesses took 1.8 s or more; the address's outcomes counted as they came ($got)"
+fi
+s=$(legacy check "$CLIENT_ID" "$TOKEN" -H "$X")
+expect_status "$s" 200 "the verified app, from its spent address"
+got=""
+for i in 1 2 3; do got+="$(legacy check "$CLIENT_ID" "gho_revoked$i" -H "$X") "; done
+expect_statuses "$got" "404 404 404" "three token failures for the app"
 snapshot=$(limiter_metrics)
 want=$(LC_ALL=C sort <<'EOF'
-oauth_apps_gateway_failed_checks_total{key_kind="client_id"} 40
-oauth_apps_gateway_failed_checks_total{key_kind="client_ip"} 40
-oauth_apps_gateway_failed_checks_rejected_total{key_kind="client_id"} 1
-oauth_apps_gateway_failed_checks_rejected_total{key_kind="client_ip"} 1
-oauth_apps_gateway_failed_checks_tracked_keys{key_kind="client_id"} 31
-oauth_apps_gateway_failed_checks_tracked_keys{key_kind="client_ip"} 2
+oauth_apps_gateway_failed_checks_total{class="credential",key_kind="client_ip"} 30
+oauth_apps_gateway_failed_checks_total{class="credential",key_kind="credential"} 30
+oauth_apps_gateway_failed_checks_total{class="token",key_kind="credential"} 3
+oauth_apps_gateway_failed_checks_rejected_total{class="credential",key_kind="client_ip"} 1
+oauth_apps_gateway_failed_checks_rejected_total{class="credential",key_kind="credential"} 1
+oauth_apps_gateway_failed_checks_rejected_total{class="token",key_kind="credential"} 0
+oauth_apps_gateway_failed_checks_shadow_rejected_total{class="credential",key_kind="client_ip"} 0
+oauth_apps_gateway_failed_checks_shadow_rejected_total{class="credential",key_kind="credential"} 0
+oauth_apps_gateway_failed_checks_shadow_rejected_total{class="token",key_kind="credential"} 0
+oauth_apps_gateway_failed_checks_untracked_total{class="credential",key_kind="client_ip"} 0
+oauth_apps_gateway_failed_checks_untracked_total{class="credential",key_kind="credential"} 0
+oauth_apps_gateway_failed_checks_untracked_total{class="token",key_kind="credential"} 0
+oauth_apps_gateway_failed_checks_tracked_keys{class="credential",key_kind="client_ip"} 1
+oauth_apps_gateway_failed_checks_tracked_keys{class="credential",key_kind="credential"} 21
+oauth_apps_gateway_failed_checks_tracked_keys{class="token",key_kind="credential"} 1
+oauth_apps_gateway_failed_checks_verified_credentials 1
+oauth_apps_gateway_failed_checks_waits_total 0
 EOF
 )
-[ "$snapshot" = "$want" ] && echo "ok    /metrics after \"Trying it\": 40 failures, 1 rejected per key kind, 31 and 2 keys" \
-  || { fail "/metrics after \"Trying it\""; show "$snapshot" >&2; }
-settle # within 12 s of the last failures: housekeeping cannot have dropped a key yet
-check "keys tracked per key kind (after \"Trying it\")" 'oauth_apps_gateway_failed_checks_tracked_keys' \
-  "$(printf 'key_kind=client_id 31\nkey_kind=client_ip 2\n')"
-check "a table close to full (neither is)" 'oauth_apps_gateway_failed_checks_tracked_keys >= 90000' ''
-grep -qF "failed-check quota spent key_kind=\"client_id\" client_id=$CLIENT_ID" "$WORK/gw-$PROC.log" \
-  && grep -qF "failed-check quota spent; answered 429 key_kind=\"client_id\" client_id=$CLIENT_ID retry_after_seconds=6" "$WORK/gw-$PROC.log" \
-  && grep -qF "action=\"limited\" status=429" "$WORK/gw-$PROC.log" \
+if [ "$in_time" = 0 ]; then
+  echo "note: /metrics after \"Trying it\" not compared (the guesses were slow)"
+elif [ "$snapshot" = "$want" ]; then
+  echo "ok    /metrics after \"Trying it\": 30/30/3 failures, 1 rejected per credential-class quota, 21/1/1 keys, 1 verified"
+else
+  fail "/metrics after \"Trying it\""; show "$snapshot" >&2
+fi
+s=$(other token_api POST "/applications/$CLIENT_ID/token" -u "$CLIENT_ID:wrong" \
+  -H 'Content-Type: application/json' -H 'X-Forwarded-For: 198.51.100.21' -d "{\"access_token\":\"$TOKEN\"}")
+expect_429 "$s" credential:credential 1 6 "the spent credential from another address, replacement endpoint"
+settle # seconds after the last failures: the credential-class keys have not recovered
+# The token-failure key (3 failures, one regained per 720 ms) may already be dropped.
+check_that "keys tracked per quota (after \"Trying it\")" 'oauth_apps_gateway_failed_checks_tracked_keys' \
+  '($1 == "class=credential,key_kind=client_ip" && $2 == 1) || ($1 == "class=credential,key_kind=credential" && $2 == 21) || ($1 == "class=token,key_kind=credential" && $2 <= 1)' \
+  "21 credentials and 1 address for credential failures, at most 1 credential for token failures"
+check "a table close to full (none is)" 'oauth_apps_gateway_failed_checks_tracked_keys >= 90000' ''
+grep -qF "failed-check quota spent class=\"credential\" key_kind=\"credential\" client_id=$CLIENT_ID" "$WORK/gw-$PROC.log" \
+  && grep -qE "failed-check quota: answered 429 class=\"credential\" key_kind=\"credential\" reason=\"spent\" client_id=${CLIENT_ID//./\\.} retry_after_seconds=[56]( |\$)" "$WORK/gw-$PROC.log" \
+  && grep -qF "action=\"limited\" status=429 outcome=\"answered\"" "$WORK/gw-$PROC.log" \
   && echo "ok    the log names the spent quota, each 429 and the limited call" \
   || fail "limiter log lines missing from $WORK/gw-$PROC.log"
 
-# README's worked example, steps 2 to 4, timed from the first failure: an app nobody can answer
-# for (Iv1.worked), guessed from 203.0.113.8.
-t_first=$(now)
-got=""
-for i in $(seq 10); do
-  got+="$(legacy check Iv1.worked "gho_w$i" -H 'X-Forwarded-For: 203.0.113.8') "
-done
-expect_statuses "$got" "$(repeat 404 10)" "ten wrong guesses for Iv1.worked"
-s=$(legacy check Iv1.worked gho_w11 -H 'X-Forwarded-For: 198.51.100.21')
-expect_429 "$s" client_id 6 6 "worked example 2: the eleventh, from any address"
-sleep_until "$(awk -v t="$t_first" 'BEGIN { printf "%.3f", t + 2.5 }')"
-s=$(legacy check Iv1.worked gho_w11 -H 'X-Forwarded-For: 198.51.100.21')
-expect_429 "$s" client_id 4 4 "worked example 3: 2.5 s later"
-sleep_until "$(awk -v t="$t_first" 'BEGIN { printf "%.3f", t + 6.3 }')"
-s=$(legacy check Iv1.worked gho_w12 -H 'X-Forwarded-For: 203.0.113.8')
-expect_status "$s" 404 "worked example 4: 6 s on, the next wrong guess reaches the upstream"
-s=$(legacy check Iv1.worked gho_w13 -H 'X-Forwarded-For: 203.0.113.8')
-expect_429 "$s" client_id 6 6 "worked example 4: and spends it again"
-s=$(other token_api POST "/applications/Iv1.worked/token" -u "Iv1.worked:x" \
-  -H 'Content-Type: application/json' -H 'X-Forwarded-For: 198.51.100.21' -d '{"access_token":"gho_w14"}')
-expect_429 "$s" client_id 1 6 "the replacement endpoint is gated too"
-
-# Mode observe on an upstream without the legacy form: every call 404s, and the client_id gets
-# 429 after ten in quick succession (README, Migrating step by step, step 1).
+# Mode observe on an upstream without the legacy form: every call 404s, a token failure each,
+# far under the token quota: no 429 (README, Migrating step by step, step 1).
 got=""
 for i in $(seq 11); do
   got+="$(legacy reset Iv1.observe "gho_o$i" -H 'X-Forwarded-For: 203.0.113.9') "
 done
-expect_statuses "$got" "$(repeat 404 10) 429" "observed resets for Iv1.observe"
-expect_429 "$(last_word "$got")" client_id 6 6 "the eleventh observed call"
+expect_statuses "$got" "$(repeat 404 11)" "observed resets for Iv1.observe: token failures, not limited"
 settle # Prometheus must see this process's last counts before it stops
 promtool_lint
 stop_gateway
 
-# Step 7: concurrent failures become debt; 401s are charged on any /applications/{client_id}/...
-# call. Limiter ON (defaults) with trusted_proxies = ["127.0.0.1"], against the stub, which
-# answers Iv1.slow's calls after 1 s: 100 concurrent wrong checks from one address all pass the
-# gate before the first failure is charged (README "Limits of a per-instance limiter").
+# Step 7: concurrent guesses and calls that are not token operations. Limiter ON (defaults) with
+# trusted_proxies = ["127.0.0.1"], against the stub, which answers Iv1.slow's calls 401 after 1 s:
+# 100 concurrent checks with one wrong secret from one address. At most as many are in flight as
+# the credential has failures left (10); the others wait at the gate, and once the ten are
+# charged the credential is spent: 90 answers 429, and only 10 calls reach the upstream (README
+# "Calls in flight").
 start_gateway stub rewrite "" 'trusted_proxies = ["127.0.0.1"]'
 cat >"$WORK/burst.js" <<'EOF'
 // node burst.js URL_PREFIX N X_FORWARDED_FOR USER:PASS: N GETs of URL_PREFIX<i> at once, each on
@@ -855,50 +885,86 @@ for (let i = 0; i < Number(n); i++) {
 EOF
 timeout 30 node "$WORK/burst.js" "$GW/applications/Iv1.slow/tokens/gho_slow" 100 192.0.2.100 \
   "Iv1.slow:x" >"$WORK/burst.out" || die "burst.js failed"
-s=$(legacy check Iv1.slow gho_slow_next -H 'X-Forwarded-For: 198.51.100.30')
-# 10 failures within the burst, 90 x 6 s of debt, plus the 6 s every spent quota waits; a second
-# may have passed since the first of them was charged.
-expect_429 "$s" client_id 545 546 "after 100 concurrent wrong checks, the client_id"
-s=$(legacy check Iv1.fresh gho_x -H 'X-Forwarded-For: 192.0.2.100')
-expect_429 "$s" "client address" 141 142 "and the address they came from (2 s + 70 x 2 s of debt)"
 while IFS=$'\t' read -r st msg; do
   [ "$st" != error ] || die "burst.js: $msg"
   action=rewritten; [ "$st" = 429 ] && action=limited
   record legacy check "$action" "$st" Iv1.slow - $(outcome "$action" "$st") \
     "$(lim_col legacy "$action" "$st" /applications/Iv1.slow/tokens/x "$msg")"
 done <"$WORK/burst.out"
-expect_statuses "$(cut -f1 "$WORK/burst.out" | xargs)" "$(repeat 404 100)" \
-  "100 concurrent wrong checks for Iv1.slow (the stub's 422 reaches them as 404)"
+expect_statuses "$(cut -f1 "$WORK/burst.out" | sort -n | xargs)" "$(repeat 401 10) $(repeat 429 90)" \
+  "100 concurrent checks with one wrong secret for Iv1.slow"
 reached=$(curl -s "http://127.0.0.1:$STUB_PORT/__count")
-[ "$reached" = 100 ] && echo "ok    all 100 reached the upstream, once each; the 429s did not" \
-  || fail "the stub saw $reached calls for Iv1.slow, expected 100"
+[ "$reached" = 10 ] && echo "ok    10 reached the upstream (the credential's burst); the 429s did not" \
+  || fail "the stub saw $reached calls for Iv1.slow, expected 10"
+waits=$(curl -s "$ADMIN/metrics" | awk '$1 == "oauth_apps_gateway_failed_checks_waits_total" { print $2 }')
+[ "${waits:-0}" -gt 0 ] 2>/dev/null && echo "ok    $waits calls waited at the gate" \
+  || fail "failed_checks_waits_total is '${waits:-}', expected more than 0"
+s=$(SECRET=x legacy check Iv1.slow gho_slow_next -H 'X-Forwarded-For: 198.51.100.30')
+expect_429 "$s" credential:credential 5 6 "the same credential from another address"
+# Every call to one app's OAuth Applications API is held, not only token operations; another
+# credential naming the same app is not.
 for i in $(seq 10); do
-  s=$(other pass_through GET "/applications/Iv1.secret/unauthorized" -u "Iv1.secret:guess$i" \
+  s=$(other pass_through GET "/applications/Iv1.secret/unauthorized" -u "Iv1.secret:same" \
     -H 'X-Forwarded-For: 192.0.2.101')
-  expect_status "$s" 401 "a wrong client secret on a non-token call"
+  expect_status "$s" 401 "a wrong client secret on a call that is not a token operation"
 done
-s=$(legacy check Iv1.secret gho_x -H 'X-Forwarded-For: 192.0.2.102')
-expect_429 "$s" client_id 6 6 "ten 401s spend the client_id's quota"
-s=$(other pass_through GET "/applications/Iv1.secret/unauthorized" -u "Iv1.secret:guess11" \
+s=$(other pass_through GET "/applications/Iv1.secret/unauthorized" -u "Iv1.secret:same" \
   -H 'X-Forwarded-For: 192.0.2.101')
-expect_status "$s" 401 "a non-token call is forwarded whatever the quotas"
+expect_429 "$s" credential:credential 5 6 "the eleventh: the credential is spent, on any route"
+s=$(other pass_through GET "/applications/Iv1.secret/unauthorized" -u "Iv1.secret:other" \
+  -H 'X-Forwarded-For: 192.0.2.101')
+expect_status "$s" 401 "another credential naming the same app is forwarded"
 settle # seconds after the last failures: no key here has recovered
-check "keys tracked per key kind (Iv1.slow, Iv1.secret; 192.0.2.100, 192.0.2.101)" \
-  'oauth_apps_gateway_failed_checks_tracked_keys' "$(printf 'key_kind=client_id 2\nkey_kind=client_ip 2\n')"
-grep -qE 'retry_after_seconds=54[56]( |$)' "$WORK/gw-$PROC.log" \
-  && echo "ok    the log has the 429 with retry_after_seconds=545 or 546" \
-  || fail "no retry_after_seconds=54x line in $WORK/gw-$PROC.log"
+check "keys tracked per quota (Iv1.slow:x, Iv1.secret:same, Iv1.secret:other; 192.0.2.100, 192.0.2.101)" \
+  'oauth_apps_gateway_failed_checks_tracked_keys' \
+  "$(printf 'class=credential,key_kind=client_ip 2\nclass=credential,key_kind=credential 3\nclass=token,key_kind=credential 0\n')"
+grep -qE 'failed-check quota: answered 429 class="credential" key_kind="credential" reason="spent" client_id=Iv1\.slow retry_after_seconds=[56]( |$)' "$WORK/gw-$PROC.log" \
+  && echo "ok    the log has the 429s for Iv1.slow's spent credential" \
+  || fail "no 429 line for Iv1.slow in $WORK/gw-$PROC.log"
+promtool_lint
+stop_gateway
+
+# Step 8: shadow mode, against the fake, with a credential burst of 3: six checks with one wrong
+# secret all reach the upstream (401); the last three are what enforce would have refused, counted
+# and logged, and charged to nothing (README "Shadow mode").
+start_gateway fake rewrite "" $'mode = "shadow"\ncredential_burst = 3'
+got=""
+for i in 1 2 3; do got+="$(SECRET=stale legacy check "$CLIENT_ID" "gho_s$i") "; done
+for i in 4 5 6; do
+  got+="$(SECRET=stale LIM_OVERRIDE=shadow:credential:credential legacy check "$CLIENT_ID" "gho_s$i") "
+done
+expect_statuses "$got" "$(repeat 401 6)" "shadow mode forwards every call"
+no_header retry-after "shadow mode"
+snapshot=$(limiter_metrics \
+  | grep -E '^oauth_apps_gateway_failed_checks_(total|rejected_total|shadow_rejected_total)\{class="credential",key_kind="credential"\}')
+want=$(LC_ALL=C sort <<'EOF'
+oauth_apps_gateway_failed_checks_rejected_total{class="credential",key_kind="credential"} 0
+oauth_apps_gateway_failed_checks_shadow_rejected_total{class="credential",key_kind="credential"} 3
+oauth_apps_gateway_failed_checks_total{class="credential",key_kind="credential"} 3
+EOF
+)
+[ "$snapshot" = "$want" ] && echo "ok    shadow: 3 charged, 3 would-be 429s, none sent" \
+  || { fail "shadow-mode counters"; show "$snapshot" >&2; }
+grep -qF "failed-check quota spent; forwarded (shadow mode), enforce would answer 429 class=\"credential\" key_kind=\"credential\" client_id=$CLIENT_ID retry_after_seconds=" "$WORK/gw-$PROC.log" \
+  && echo "ok    the log has the shadow-mode line" \
+  || fail "no shadow-mode line in $WORK/gw-$PROC.log"
+settle
 
 # The whole run, over every gateway process (the limiter was off in step 1 only).
-check "failed token operations charged, by key kind (whole run)" \
-  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_total[1h]))' \
+check "failures charged, by quota (whole run)" \
+  'sum by (class, key_kind) (increase(oauth_apps_gateway_failed_checks_total[1h]))' \
   "$(expect_failed_checks)" 0.05 0.5
-check "token operations answered 429, by key kind (whole run)" \
-  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[1h]))' \
+check "calls answered 429, by quota (whole run)" \
+  'sum by (class, key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[1h]))' \
   "$(expect_rejected)" 0.05 0.5
-check "somebody turned away in the last 5 minutes (both key kinds)" \
-  'sum by (key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[5m])) > 0' \
+check "somebody turned away in the last 5 minutes (the credential-class quotas)" \
+  'sum by (class, key_kind) (increase(oauth_apps_gateway_failed_checks_rejected_total[5m])) > 0' \
   "$(expect_rejected | awk '$2 > 0')" 0.05 0.5
+check "shadow mode's would-be 429s, by quota (whole run)" \
+  'sum by (class, key_kind) (increase(oauth_apps_gateway_failed_checks_shadow_rejected_total[1h]))' \
+  "$(expect_shadow)" 0.05 0.5
+check "failures a full table could not track (none)" \
+  'sum by (class, key_kind) (increase(oauth_apps_gateway_failed_checks_untracked_total[1h])) > 0' ''
 check "legacy calls answered 429, by operation (whole run)" \
   'sum by (operation) (increase(oauth_apps_gateway_deprecated_calls_total{action="limited"}[1h]))' \
   "$(expect_by_op '$4 == "limited"')" 0.05 0.5

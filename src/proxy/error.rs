@@ -55,10 +55,12 @@ pub enum ProxyError {
     /// The upstream failed: 502, or 504 for a timeout.
     #[error("upstream {0} failure")]
     Upstream(FailureKind),
-    /// The shutdown grace period ended before the upstream answered: 503. The request may have
-    /// reached the upstream.
+    /// The shutdown grace period ended before the call was answered: 503.
     #[error("cut off by the end of the shutdown grace period")]
-    ShutDown,
+    ShutDown {
+        /// Whether the call had been sent upstream (it may have taken effect there).
+        forwarded: bool,
+    },
 }
 
 impl From<&ProxyError> for StatusCode {
@@ -73,7 +75,7 @@ impl From<&ProxyError> for StatusCode {
             ProxyError::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Upstream(FailureKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::ShutDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ShutDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -109,14 +111,14 @@ impl ProxyError {
                     FailureClass::Credential => "calls with a wrong or missing client secret",
                     FailureClass::Token => "token operations on invalid tokens",
                 };
+                let secs = b.retry_after_secs();
+                let unit = if secs == 1 { "second" } else { "seconds" };
                 match b.reason {
-                    BlockReason::Spent => format!(
-                        "Too many failed {what} from {whose}. Retry after {} seconds.",
-                        b.retry_after_secs()
-                    ),
+                    BlockReason::Spent => {
+                        format!("Too many failed {what} from {whose}. Retry after {secs} {unit}.")
+                    }
                     BlockReason::InFlight => format!(
-                        "Too many token operations in flight from {whose} for the failures it has left. Retry after {} seconds.",
-                        b.retry_after_secs()
+                        "Too many calls in flight from {whose} for the failures it has left. Retry after {secs} {unit}."
                     ),
                 }
             }
@@ -129,8 +131,11 @@ impl ProxyError {
             ProxyError::Upstream(kind) => {
                 format!("Bad gateway: the upstream could not be reached ({kind} failure).")
             }
-            ProxyError::ShutDown => {
-                "Service unavailable: the gateway shut down before the upstream answered; the call may have reached the upstream.".into()
+            ProxyError::ShutDown { forwarded: true } => {
+                "Service unavailable: the gateway shut down before the upstream answered; the call may have taken effect there.".into()
+            }
+            ProxyError::ShutDown { forwarded: false } => {
+                "Service unavailable: the gateway shut down before forwarding the call; it was not sent.".into()
             }
         }
     }
@@ -244,7 +249,8 @@ mod tests {
             (ProxyError::Upstream(FailureKind::Tls), 502),
             (ProxyError::Upstream(FailureKind::Protocol), 502),
             (ProxyError::Upstream(FailureKind::Timeout), 504),
-            (ProxyError::ShutDown, 503),
+            (ProxyError::ShutDown { forwarded: true }, 503),
+            (ProxyError::ShutDown { forwarded: false }, 503),
         ];
         for (e, status) in cases {
             assert_eq!(StatusCode::from(&e).as_u16(), status, "{e:?}");

@@ -197,7 +197,7 @@ pub async fn run(
     detached.exchange = None;
     match detached.rest.take() {
         Some((inner, pending)) => settle(&inner, pending, exchanged, Outcome::Answered),
-        None => ProxyError::ShutDown.into_response(),
+        None => ProxyError::ShutDown { forwarded: true }.into_response(),
     }
 }
 
@@ -264,7 +264,7 @@ fn settle(
         Exchanged::CutOff => answer(
             settings,
             pending.obs,
-            ProxyError::ShutDown.into_response(),
+            ProxyError::ShutDown { forwarded: true }.into_response(),
             Outcome::ShutDown,
         ),
     }

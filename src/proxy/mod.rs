@@ -170,7 +170,7 @@ impl Proxy {
             },
         };
         let Some(verdict) = verdict else {
-            let resp = ProxyError::ShutDown.into_response();
+            let resp = ProxyError::ShutDown { forwarded: false }.into_response();
             return exchange::answer(settings, obs, resp, Outcome::ShutDown);
         };
         match &verdict {
