@@ -33,12 +33,14 @@ impl<K: Hash + Eq + Clone> Flights<K> {
         }
     }
 
-    /// Takes one in-flight slot for `key` when it has fewer than `left + IN_FLIGHT_ALLOWANCE`
+    /// Takes one in-flight slot for `key` when it has fewer than `left() + IN_FLIGHT_ALLOWANCE`
     /// in flight; otherwise returns what to wait on: it is notified when any of the key's
-    /// requests finishes.
-    pub fn try_reserve(&self, key: &K, left: u32) -> Result<(), Arc<Notify>> {
+    /// requests finishes. `left` (the failures the key may still make) is read under this
+    /// table's lock: a finished request is charged before it gives its slot back, so no request
+    /// can reserve against a count that a failure has already lowered.
+    pub fn try_reserve(&self, key: &K, left: impl FnOnce() -> u32) -> Result<(), Arc<Notify>> {
         let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let limit = left.saturating_add(IN_FLIGHT_ALLOWANCE);
+        let limit = left().saturating_add(IN_FLIGHT_ALLOWANCE);
         match t.get_mut(key) {
             Some(e) if e.count >= limit => Err(e.released.clone()),
             Some(e) => {
@@ -85,20 +87,23 @@ mod tests {
     #[tokio::test]
     async fn at_most_left_in_flight_and_a_release_wakes_the_waiter() {
         let f = Flights::<u8>::new();
-        assert!(f.try_reserve(&1, 2).is_ok());
-        assert!(f.try_reserve(&1, 2).is_ok());
-        let notify = f.try_reserve(&1, 2).unwrap_err();
+        assert!(f.try_reserve(&1, || 2).is_ok());
+        assert!(f.try_reserve(&1, || 2).is_ok());
+        let notify = f.try_reserve(&1, || 2).unwrap_err();
         let woken = notify.notified_owned();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        assert!(f.try_reserve(&2, 1).is_ok(), "other keys are not affected");
+        assert!(
+            f.try_reserve(&2, || 1).is_ok(),
+            "other keys are not affected"
+        );
         f.release(&1);
         tokio::time::timeout(std::time::Duration::from_secs(1), woken)
             .await
             .expect("the release wakes the waiter");
-        assert!(f.try_reserve(&1, 2).is_ok());
+        assert!(f.try_reserve(&1, || 2).is_ok());
         // Fewer failures left now: the two in flight are already too many.
-        assert!(f.try_reserve(&1, 1).is_err());
+        assert!(f.try_reserve(&1, || 1).is_err());
         f.release(&1);
         f.release(&1);
         f.release(&2);

@@ -281,20 +281,17 @@ impl FailedChecks {
         let mut waited = false;
         let mut armed: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>> = None;
         loop {
-            let left = match self.peek(&keys, wanted) {
-                Ok(left) => left,
-                Err(blocked) if self.shadow => {
-                    return Admission::WouldLimit(
-                        blocked,
-                        self.permit(keys, Slots::default(), waited, true),
-                    );
+            if let Some(blocked) = self.spent(&keys, wanted) {
+                if !self.shadow {
+                    return Admission::Limited(blocked, waited);
                 }
-                Err(blocked) => return Admission::Limited(blocked, waited),
-            };
+                let permit = self.permit(keys, Slots::default(), waited, true);
+                return Admission::WouldLimit(blocked, permit);
+            }
             if self.shadow {
                 return Admission::Pass(self.permit(keys, Slots::default(), waited, false));
             }
-            let busy = match self.try_reserve(&keys, wanted, left) {
+            let busy = match self.try_reserve(&keys, wanted) {
                 Ok(()) => return Admission::Pass(self.permit(keys, wanted, waited, false)),
                 Err(busy) => busy,
             };
@@ -318,8 +315,8 @@ impl FailedChecks {
         }
     }
 
-    /// Failures left per wanted quota, or the spent quota with the longest wait.
-    fn peek(&self, keys: &CallKeys, wanted: Slots) -> Result<[u32; 3], Blocked> {
+    /// The spent quota with the longest wait among those wanted, if any; never charges.
+    fn spent(&self, keys: &CallKeys, wanted: Slots) -> Option<Blocked> {
         let peeks = [
             wanted
                 .credential
@@ -331,67 +328,65 @@ impl FailedChecks {
                 .token
                 .then(|| self.token_by_credential.gcra.peek(&keys.credential)),
         ];
-        let mut left = [u32::MAX; 3];
         let mut blocked: Option<Blocked> = None;
-        for (i, (peek, (class, kind))) in peeks.into_iter().zip(QUOTAS).enumerate() {
-            match peek {
-                Some(Peek::Left(n)) => left[i] = n,
-                Some(Peek::Spent(wait)) if blocked.is_none_or(|b| wait > b.retry_after) => {
-                    blocked = Some(Blocked {
-                        class,
-                        kind,
-                        reason: BlockReason::Spent,
-                        retry_after: wait,
-                    });
-                }
-                _ => {}
+        for (peek, (class, kind)) in peeks.into_iter().zip(QUOTAS) {
+            if let Some(Peek::Spent(wait)) = peek
+                && blocked.is_none_or(|b| wait > b.retry_after)
+            {
+                blocked = Some(Blocked {
+                    class,
+                    kind,
+                    reason: BlockReason::Spent,
+                    retry_after: wait,
+                });
             }
         }
-        blocked.map_or(Ok(left), Err)
+        blocked
     }
 
-    /// Takes a slot in every wanted quota, or none.
-    fn try_reserve(&self, keys: &CallKeys, wanted: Slots, left: [u32; 3]) -> Result<(), Busy> {
+    /// Takes a slot in every wanted quota, or none. Each quota's failures left are read under
+    /// its in-flight table's lock ([`Flights::try_reserve`]).
+    fn try_reserve(&self, keys: &CallKeys, wanted: Slots) -> Result<(), Busy> {
         let busy = |i: usize, released| Busy {
             class: QUOTAS[i].0,
             kind: QUOTAS[i].1,
             released,
         };
         if wanted.credential {
-            self.by_credential
-                .flights
-                .try_reserve(&keys.credential, left[0])
+            let q = &self.by_credential;
+            q.flights
+                .try_reserve(&keys.credential, || left(q.gcra.peek(&keys.credential)))
                 .map_err(|n| busy(0, n))?;
         }
-        if wanted.client_ip
-            && let Err(n) = self
-                .by_client_ip
+        if wanted.client_ip {
+            let q = &self.by_client_ip;
+            let reserved = q
                 .flights
-                .try_reserve(&keys.client_ip, left[1])
-        {
-            self.release(
-                keys,
-                Slots {
+                .try_reserve(&keys.client_ip, || left(q.gcra.peek(&keys.client_ip)));
+            if let Err(n) = reserved {
+                let taken = Slots {
                     credential: wanted.credential,
                     ..Slots::default()
-                },
-            );
-            return Err(busy(1, n));
+                };
+                self.release(keys, taken);
+                return Err(busy(1, n));
+            }
         }
-        if wanted.token
-            && let Err(n) = self
-                .token_by_credential
+        if wanted.token {
+            let q = &self.token_by_credential;
+            let reserved = q
                 .flights
-                .try_reserve(&keys.credential, left[2])
-        {
-            self.release(
-                keys,
-                Slots {
-                    token: false,
-                    ..wanted
-                },
-            );
-            return Err(busy(2, n));
+                .try_reserve(&keys.credential, || left(q.gcra.peek(&keys.credential)));
+            if let Err(n) = reserved {
+                self.release(
+                    keys,
+                    Slots {
+                        token: false,
+                        ..wanted
+                    },
+                );
+                return Err(busy(2, n));
+            }
         }
         Ok(())
     }
@@ -531,6 +526,14 @@ impl FailedChecks {
                 .unwrap_or_else(PoisonError::into_inner)
                 .len(),
         }
+    }
+}
+
+/// Failures left by a peek: none when the quota is spent.
+fn left(peek: Peek) -> u32 {
+    match peek {
+        Peek::Left(n) => n,
+        Peek::Spent(_) => 0,
     }
 }
 
