@@ -144,7 +144,7 @@ async fn binary_serves_and_drains_on_sigterm() {
 
 #[tokio::test]
 async fn a_call_still_open_when_the_grace_period_ends_is_answered_503_and_logged() {
-    let upstream = support::upstream_answering(200, Duration::from_secs(30)).await;
+    let (upstream, reached) = support::upstream_counting(200, Duration::from_secs(30)).await;
     let running = start(&upstream, "300ms").await;
     let url = format!("{}/applications/{CLIENT_ID}/token", running.url);
     let pending = tokio::spawn(async move {
@@ -158,7 +158,13 @@ async fn a_call_still_open_when_the_grace_period_ends_is_answered_503_and_logged
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM once the call has reached the upstream (5 s at most).
+    for _ in 0..500 {
+        if reached.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (exit, out) = terminate(running).await;
     assert_eq!(exit.code(), Some(1), "a timed-out drain exits 1\n{out}");
     let a = pending.await.unwrap();

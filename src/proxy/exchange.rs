@@ -185,8 +185,12 @@ pub async fn run(
             () = cut_off => Exchanged::CutOff,
         }
     };
+    if !pending.obs.call().is_app_call() {
+        // Nothing to charge: dropped with its client, it is recorded by its observation.
+        let exchanged = exchange.await;
+        return settle(&inner, pending, exchanged, Outcome::Answered);
+    }
     let mut detached = DetachOnDrop {
-        detach: pending.obs.call().is_app_call(),
         exchange: Some(Box::pin(exchange)),
         rest: Some((inner, pending)),
     };
@@ -201,19 +205,14 @@ pub async fn run(
     }
 }
 
-/// Holds an exchange while its client waits; on drop, when `detach`, finishes it in a task of
-/// its own.
+/// Holds an exchange while its client waits; on drop, finishes it in a task of its own.
 struct DetachOnDrop<F: Future<Output = Exchanged> + Send + 'static> {
-    detach: bool,
     exchange: Option<Pin<Box<F>>>,
     rest: Option<(Arc<Inner>, Pending)>,
 }
 
 impl<F: Future<Output = Exchanged> + Send + 'static> Drop for DetachOnDrop<F> {
     fn drop(&mut self) {
-        if !self.detach {
-            return;
-        }
         let (Some(exchange), Some((inner, pending))) = (self.exchange.take(), self.rest.take())
         else {
             return;
