@@ -202,8 +202,10 @@ pub async fn run_with_clock(
         readiness.set_draining();
         let _ = drain_started.set(tokio::time::Instant::now());
     };
-    let cut_off = || drained.cut_off();
-    let outcome = server::serve(listeners.proxy, make_service, opts, drain_signal, cut_off).await;
+    let outcome = server::serve(listeners.proxy, make_service, opts, drain_signal, || {
+        cut_off(&drained)
+    })
+    .await;
     let outcome = settle_open_requests(
         &drained,
         outcome,
@@ -218,8 +220,9 @@ pub async fn run_with_clock(
 
 /// Waits, within what is left of the grace period, for requests still open once the listener
 /// drained: exchanges whose client went away are no connection, but they are accounted for when
-/// they end. What is still open when the grace period ends is cut off (recorded with outcome
-/// `shutdown`), and the drain reported as timed out.
+/// they end. When the grace period ends first, what is still open is cut off (recorded with
+/// outcome `shutdown`) and the drain reported as timed out; when the listener's drain already
+/// timed out, its cut-off has ended them too, and this waits for their records.
 async fn settle_open_requests(
     proxy: &Proxy,
     outcome: DrainOutcome,
@@ -228,30 +231,35 @@ async fn settle_open_requests(
 ) -> DrainOutcome {
     let grace_ends = drain_started.unwrap_or_else(tokio::time::Instant::now) + grace;
     let mut outcome = outcome;
-    if tokio::time::timeout_at(grace_ends, proxy.idle())
-        .await
-        .is_err()
-    {
-        outcome = DrainOutcome::TimedOut;
-    }
-    if outcome == DrainOutcome::TimedOut {
-        let open = proxy.open_requests();
-        proxy.cut_off();
-        if tokio::time::timeout(CUT_OFF_SETTLE, proxy.idle())
+    if outcome == DrainOutcome::Completed
+        && tokio::time::timeout_at(grace_ends, proxy.idle())
             .await
             .is_err()
-        {
-            tracing::warn!(
-                open_requests = proxy.open_requests(),
-                "shutdown: requests still open after the cut-off"
-            );
-        }
+    {
+        cut_off(proxy);
+        outcome = DrainOutcome::TimedOut;
+    }
+    if outcome == DrainOutcome::TimedOut
+        && tokio::time::timeout(CUT_OFF_SETTLE, proxy.idle())
+            .await
+            .is_err()
+    {
         tracing::warn!(
-            cut_off = open,
-            "shutdown: grace period ended; open requests cut off"
+            open_requests = proxy.open_requests(),
+            "shutdown: requests still open after the cut-off"
         );
     }
     outcome
+}
+
+/// Ends every request still open (each answered 503 where its client is still there and
+/// recorded with outcome `shutdown`), saying how many.
+fn cut_off(proxy: &Proxy) {
+    tracing::warn!(
+        cut_off = proxy.open_requests(),
+        "shutdown: grace period ended; open requests cut off"
+    );
+    proxy.cut_off();
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C); on non-Unix systems, on Ctrl-C only.

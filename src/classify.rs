@@ -76,8 +76,8 @@ impl fmt::Display for Operation {
     }
 }
 
-/// A legacy call, with the token taken out of its path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A legacy call, with the token taken out of its path. Its `Debug` leaves the token out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct LegacyCall<'a> {
     /// Which of the four legacy operations.
     pub operation: Operation,
@@ -89,6 +89,16 @@ pub struct LegacyCall<'a> {
     pub client_id: Cow<'a, str>,
     /// The OAuth access token, percent-decoded. Secret: never log or label it.
     pub access_token: Cow<'a, str>,
+}
+
+impl std::fmt::Debug for LegacyCall<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LegacyCall")
+            .field("operation", &self.operation)
+            .field("prefix", &self.prefix)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a request is, judged from its method and path alone.

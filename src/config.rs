@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub max_request_body_bytes: u64,
     /// Longest wait for in-flight requests after SIGTERM/SIGINT (`server.shutdown_grace`).
     pub shutdown_grace: Duration,
+    /// Calls to the OAuth Applications API seen through to the upstream's answer after their
+    /// client went away, at most at once (`server.max_detached_exchanges`). Past it, such a call
+    /// is dropped at once and charged as a failure of each quota it was held to.
+    pub max_detached_exchanges: usize,
 }
 
 /// `[upstream]`: where calls are forwarded.
@@ -359,6 +363,11 @@ impl Config {
                 &raw.server.shutdown_grace,
                 true,
             )?,
+            max_detached_exchanges: at_most(
+                "server.max_detached_exchanges",
+                raw.server.max_detached_exchanges,
+                MAX_DETACHED_EXCHANGES_LIMIT,
+            )?,
         };
         let upstream = UpstreamConfig {
             url: parse_upstream_url(&raw.upstream.url)?,
@@ -645,6 +654,10 @@ fn parse_duration(key: &'static str, value: &str, zero_ok: bool) -> Result<Durat
     Ok(d)
 }
 
+/// Upper bound of `server.max_detached_exchanges`: each is a task and an upstream connection for
+/// up to `server.request_timeout`.
+const MAX_DETACHED_EXCHANGES_LIMIT: usize = 100_000;
+
 /// Upper bound of `metrics.max_client_ids`: each tracked id costs a series and a report entry.
 const MAX_CLIENT_IDS_LIMIT: usize = 100_000;
 
@@ -797,6 +810,7 @@ mod tests {
         assert_eq!(c.server.header_read_timeout, Duration::from_secs(10));
         assert_eq!(c.server.request_timeout, Duration::from_secs(30));
         assert_eq!(c.server.max_request_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.server.max_detached_exchanges, 1000);
         assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.upstream.url, "https://api.github.com");
         assert!(c.upstream.ca_file.is_none());
@@ -966,6 +980,10 @@ mod tests {
             (
                 "[server]\nmax_request_body_bytes = 0",
                 &["server.max_request_body_bytes", "0", "greater than zero"],
+            ),
+            (
+                "[server]\nmax_detached_exchanges = 100001",
+                &["server.max_detached_exchanges", "100001", "0 to 100000"],
             ),
             (
                 "[upstream]\nurl = \"ftp://example.com\"",

@@ -140,8 +140,10 @@ pub struct Metrics {
     failed_checks_untracked: [IntCounter; 3],
     failed_checks_tracked: [IntGauge; 3],
     failed_checks_waits: IntCounter,
+    detached: IntGauge,
+    detached_refused: IntCounter,
     verified_credentials: IntGauge,
-    interrupted_children: [[IntCounter; 2]; 3],
+    interrupted: [[IntCounter; 2]; 3],
     clients: LegacyClients,
 }
 
@@ -309,6 +311,20 @@ impl Metrics {
                 "App credentials the upstream accepted in the last hour, which the credential-failure quotas do not hold.",
             )?,
         )?;
+        let detached = register(
+            r,
+            IntGauge::new(
+                name("detached_exchanges"),
+                "Calls to the OAuth Applications API being seen through to the upstream's answer after their client went away.",
+            )?,
+        )?;
+        let detached_refused = register(
+            r,
+            IntCounter::new(
+                name("detached_exchanges_refused_total"),
+                "Calls whose client went away after they were forwarded that could not be seen through (server.max_detached_exchanges reached), charged as failures instead.",
+            )?,
+        )?;
         let interrupted = counter_vec(
             r,
             "interrupted_requests_total",
@@ -355,8 +371,10 @@ impl Metrics {
             failed_checks_tracked: QUOTAS
                 .map(|(c, k)| tracked.with_label_values(&[c.as_str(), k.as_str()])),
             failed_checks_waits,
+            detached,
+            detached_refused,
             verified_credentials,
-            interrupted_children: ROUTES.map(|c| {
+            interrupted: ROUTES.map(|c| {
                 [Interruption::ClientGone, Interruption::ShutDown]
                     .map(|o| interrupted.with_label_values(&[c.as_str(), o.as_str()]))
             }),
@@ -450,7 +468,17 @@ impl Metrics {
 
     /// Counts a request that did not end with its answer handed to the client.
     pub fn interrupted(&self, route: RouteClass, how: Interruption) {
-        self.interrupted_children[route as usize][how as usize].inc();
+        self.interrupted[route as usize][how as usize].inc();
+    }
+
+    /// Marks an exchange seen through after its client went away, until the guard drops.
+    pub fn detached_started(&self) -> GaugeGuard {
+        GaugeGuard::new(&self.detached)
+    }
+
+    /// Counts an exchange that could not be seen through after its client went away.
+    pub fn detached_refused(&self) {
+        self.detached_refused.inc();
     }
 
     /// Marks a request in flight until the guard drops.

@@ -17,8 +17,7 @@ use serde::Serialize;
 
 use crate::classify::LegacyCall;
 
-/// The replacement of a legacy call.
-#[derive(Debug)]
+/// The replacement of a legacy call. Its `Debug` leaves the body (which holds the token) out.
 pub struct Replacement {
     /// The new method (POST, PATCH or DELETE).
     pub method: Method,
@@ -26,6 +25,16 @@ pub struct Replacement {
     pub path_and_query: PathAndQuery,
     /// `{"access_token": "<token>"}`, to be sent as `application/json`.
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for Replacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replacement")
+            .field("method", &self.method)
+            .field("path_and_query", &self.path_and_query)
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
 }
 
 #[derive(Serialize)]
@@ -70,8 +79,9 @@ pub fn replace_legacy(call: &LegacyCall<'_>, query: Option<&str>) -> Option<Repl
     })
 }
 
-/// Deprecated credentials found in a query string, and the query without them.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// Deprecated credentials found in a query string, and the query without them. Its `Debug`
+/// shows whether credentials were found, never their values.
+#[derive(Default, PartialEq, Eq)]
 pub struct QueryCredentials<'a> {
     /// The query string without credential parameters; `None` when nothing is left.
     /// Borrowed when nothing was removed.
@@ -84,6 +94,67 @@ pub struct QueryCredentials<'a> {
     pub had_client_secret: bool,
     /// An `access_token` parameter was present (and removed).
     pub had_access_token: bool,
+}
+
+impl std::fmt::Debug for QueryCredentials<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryCredentials")
+            .field("remaining", &self.remaining)
+            .field(
+                "client",
+                &self.client.as_ref().map(|(id, _)| (id, "<secret>")),
+            )
+            .field(
+                "access_token",
+                &self.access_token.as_ref().map(|_| "<secret>"),
+            )
+            .field("had_client_secret", &self.had_client_secret)
+            .field("had_access_token", &self.had_access_token)
+            .finish()
+    }
+}
+
+/// The credentials of an `Authorization: Basic` value: RFC 7617 §2, base64 of
+/// `user-id ":" password`, here the app's client_id and client_secret. Secret: its `Debug` shows
+/// neither part.
+#[derive(PartialEq, Eq)]
+pub struct BasicCredentials {
+    decoded: Vec<u8>,
+    colon: usize,
+}
+
+impl BasicCredentials {
+    /// The user-id part (for the OAuth Applications API, the client_id), as bytes.
+    pub fn user(&self) -> &[u8] {
+        &self.decoded[..self.colon]
+    }
+
+    /// The password part (the client_secret), as bytes.
+    pub fn password(&self) -> &[u8] {
+        &self.decoded[self.colon + 1..]
+    }
+}
+
+impl std::fmt::Debug for BasicCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BasicCredentials(..)")
+    }
+}
+
+/// Decodes an `Authorization: Basic` value (the scheme is case-insensitive, RFC 9110 §11.1;
+/// the credentials are strict base64, RFC 7617 §2). `None` for another scheme, or credentials
+/// that are not base64 or hold no colon.
+pub fn basic_credentials(value: &HeaderValue) -> Option<BasicCredentials> {
+    let bytes = value.as_bytes();
+    let (scheme, rest) = bytes.split_at(bytes.iter().position(|&b| b == b' ')?);
+    if !scheme.eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim_ascii())
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(BasicCredentials { decoded, colon })
 }
 
 impl QueryCredentials<'_> {
@@ -218,6 +289,25 @@ pub fn take_query_credentials(query: &str) -> QueryCredentials<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn basic_credentials_are_decoded_only_from_strict_basic() {
+        let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let value = |s: String| HeaderValue::try_from(s).unwrap();
+        let c = basic_credentials(&value(format!("Basic {}", enc("Iv1.a:s3:cret")))).unwrap();
+        assert_eq!((c.user(), c.password()), (&b"Iv1.a"[..], &b"s3:cret"[..]));
+        assert_eq!(format!("{c:?}"), "BasicCredentials(..)");
+        let same = basic_credentials(&value(format!("bASIC   {} ", enc("Iv1.a:s3:cret"))));
+        assert_eq!(same, Some(c));
+        for bad in [
+            format!("Bearer {}", enc("Iv1.a:s")),
+            format!("Basic {}", enc("no-colon")),
+            "Basic !!!not base64".to_owned(),
+            "Basic".to_owned(),
+        ] {
+            assert_eq!(basic_credentials(&value(bad.clone())), None, "{bad}");
+        }
+    }
     use crate::classify::{Route, classify};
 
     fn legacy(method: Method, path: &str) -> LegacyCall<'_> {

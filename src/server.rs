@@ -130,7 +130,7 @@ where
             DrainOutcome::Completed
         }
         Err(_) => {
-            tracing::warn!("shutdown: grace period ended with requests still in flight; cut off");
+            tracing::warn!("shutdown: grace period ended with requests still in flight");
             cut_off();
             let _ = tokio::time::timeout(CUT_OFF_FLUSH, &mut drained).await;
             DrainOutcome::TimedOut

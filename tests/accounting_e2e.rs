@@ -165,7 +165,8 @@ async fn a_call_whose_client_hangs_up_at_the_gate_is_logged_and_never_forwarded(
         basic(CLIENT_ID, "guess-2")
     );
     second.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The first is answered only after UPSTREAM_DELAY: the second is still at the gate.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     drop(second);
     assert_eq!(first.await.unwrap(), 401);
     let m = await_series(
@@ -245,4 +246,48 @@ async fn a_pass_through_call_whose_client_hangs_up_is_abandoned_and_logged_499()
     let lines = logs.access_lines();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("status=499"), "{}", lines[0]);
+}
+
+#[tokio::test]
+async fn past_max_detached_exchanges_a_hung_up_call_is_dropped_and_charged_as_a_failure() {
+    let (_guard, logs) = capture(LogFormat::Text, LevelFilter::INFO);
+    let (url, reached) = support::upstream_counting(404, UPSTREAM_DELAY).await;
+    let mut config = config_for(&url);
+    config.server.max_detached_exchanges = 1;
+    let gw = Gateway::start(config).await;
+    // Two revokes whose clients both hang up once they were forwarded: room to see one through.
+    let client = h2c_client();
+    let mut revokes = Vec::new();
+    for i in 0..2 {
+        let (client, auth) = (client.clone(), basic_auth());
+        let url = format!("{}/applications/{CLIENT_ID}/tokens/gho_guess_{i}", gw.url());
+        revokes.push(tokio::spawn(async move {
+            let hdrs = [("authorization", auth.as_str())];
+            call(&client, Method::DELETE, &url, &hdrs, Bytes::new()).await
+        }));
+        await_reached(&reached, i + 1).await;
+    }
+    for r in revokes {
+        r.abort();
+    }
+    // One is seen through (its 404 charged); the other is charged at once, its answer unknown.
+    let m = await_series(&gw, TOKEN_FAILURES, 2.0).await;
+    assert_eq!(
+        m["oauth_apps_gateway_detached_exchanges_refused_total"],
+        1.0
+    );
+    let m = await_series(
+        &gw,
+        "oauth_apps_gateway_responses_total{route=\"legacy\",status=\"404\"}",
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        m["oauth_apps_gateway_responses_total{route=\"legacy\",status=\"499\"}"],
+        1.0
+    );
+    assert_eq!(m["oauth_apps_gateway_detached_exchanges"], 0.0);
+    let lines = logs.access_lines();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().all(|l| l.contains("client_gone")), "{lines:?}");
 }

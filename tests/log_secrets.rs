@@ -165,7 +165,7 @@ async fn exercise_everything() -> (Vec<String>, String) {
     let limited = limited.expect("the credential quota never answered 429");
     published.push_str(&String::from_utf8_lossy(&limited.body));
     // Shadow mode, and a caller who hangs up, against an upstream slow to say 404.
-    let slow = support::upstream_answering(404, Duration::from_millis(300)).await;
+    let (slow, reached) = support::upstream_counting(404, Duration::from_millis(300)).await;
     let mut shadow = config_for(&slow);
     shadow.failed_checks.mode = FailedChecksMode::Shadow;
     shadow.failed_checks.token.burst = 1;
@@ -187,13 +187,21 @@ async fn exercise_everything() -> (Vec<String>, String) {
     let gone = "gho_hung_up_guess_0000";
     secrets.push(gone.to_owned());
     let url = format!("{}/applications/{CLIENT_ID}/tokens/{gone}", gw2.url());
-    let hdrs = [("authorization", auth.as_str())];
-    let hung_up = call(&h2, Method::DELETE, &url, &hdrs, "");
-    assert!(
-        tokio::time::timeout(Duration::from_millis(50), hung_up)
-            .await
-            .is_err()
-    );
+    let hung_up = {
+        let (h2, auth) = (h2.clone(), auth.clone());
+        tokio::spawn(async move {
+            let hdrs = [("authorization", auth.as_str())];
+            call(&h2, Method::DELETE, &url, &hdrs, "").await
+        })
+    };
+    // Hang up once the call was forwarded (5 s at most), so the detached path runs.
+    for _ in 0..500 {
+        if reached.load(std::sync::atomic::Ordering::SeqCst) > 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hung_up.abort();
     gw2.shutdown().await;
     // access_token as a query parameter on a pass-through call, and a 504.
     let user_token = "gho_user_token_in_query_1234567890";

@@ -27,6 +27,7 @@ pub struct RawServer {
     pub request_timeout: String,
     pub max_request_body_bytes: u64,
     pub shutdown_grace: String,
+    pub max_detached_exchanges: usize,
 }
 
 impl Default for RawServer {
@@ -37,6 +38,7 @@ impl Default for RawServer {
             request_timeout: "30s".into(),
             max_request_body_bytes: 10 * 1024 * 1024,
             shutdown_grace: "30s".into(),
+            max_detached_exchanges: 1000,
         }
     }
 }

@@ -11,6 +11,8 @@ use ipnet::IpNet;
 use ring::hmac;
 use ring::rand::SystemRandom;
 
+use crate::rewrite::basic_credentials;
+
 /// Bytes of the HMAC-SHA256 tag kept as the key: 128 bits, so no two credentials share a key
 /// by accident, and without the per-process HMAC key nobody can make one collide on purpose.
 const CREDENTIAL_KEY_BYTES: usize = 16;
@@ -70,15 +72,19 @@ impl CredentialHasher {
 
     /// The key of the app credential a request presents: its Basic `client_id:client_secret`
     /// (GitHub REST: OAuth Applications use Basic authentication with the app's client_id and
-    /// client_secret), or, when it presents none, the `client_id` of the path alone. Each form is
-    /// hashed under its own label, so no `client_id` alone equals any Basic credential.
+    /// client_secret), decoded, so one credential is one key however its base64 is spelled; or,
+    /// when it presents none (no `Authorization`, another scheme, or Basic credentials that do
+    /// not decode), the `client_id` of the path alone. Each form is hashed under its own label,
+    /// and the client_id's length goes first, so no two different credentials hash alike.
     pub fn key(&self, authorization: Option<&HeaderValue>, client_id: &str) -> CredentialKey {
         let mut ctx = hmac::Context::with_key(&self.key);
-        let token = authorization.and_then(basic_token);
-        match token {
-            Some(token) => {
+        let basic = authorization.and_then(basic_credentials);
+        match &basic {
+            Some(c) => {
                 ctx.update(b"basic\0");
-                ctx.update(token);
+                ctx.update(&(c.user().len() as u64).to_le_bytes());
+                ctx.update(c.user());
+                ctx.update(c.password());
             }
             None => {
                 ctx.update(b"client_id\0");
@@ -89,21 +95,9 @@ impl CredentialHasher {
         tag.copy_from_slice(&ctx.sign().as_ref()[..CREDENTIAL_KEY_BYTES]);
         CredentialKey {
             tag,
-            basic: token.is_some(),
+            basic: basic.is_some(),
         }
     }
-}
-
-/// The credentials token of an `Authorization: Basic <base64>` value, as sent (the scheme is
-/// case-insensitive, RFC 9110 §11.1); `None` for any other scheme. It is hashed undecoded: only
-/// a caller who knows a credential can spell it, so another spelling of it is the same caller.
-fn basic_token(value: &HeaderValue) -> Option<&[u8]> {
-    let bytes = value.as_bytes();
-    let (scheme, rest) = bytes.split_at(bytes.iter().position(|&b| b == b' ')?);
-    if !scheme.eq_ignore_ascii_case(b"basic") {
-        return None;
-    }
-    Some(rest.trim_ascii())
 }
 
 /// Finds the client address of a request, believing `X-Forwarded-For` only from trusted proxies.
@@ -178,9 +172,10 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 mod tests {
     use super::*;
 
-    /// Basic credentials; the test needs no real base64, only distinct tokens.
     fn basic(raw: &str) -> HeaderValue {
-        HeaderValue::try_from(format!("Basic {}", raw.replace(':', "-"))).unwrap()
+        use base64::Engine as _;
+        let enc = base64::engine::general_purpose::STANDARD.encode(raw);
+        HeaderValue::try_from(format!("Basic {enc}")).unwrap()
     }
 
     #[test]
@@ -188,30 +183,33 @@ mod tests {
         let h = CredentialHasher::new().unwrap();
         let app = h.key(Some(&basic("Iv1.app:right")), "Iv1.app");
         // The same credential, however the scheme is spelled, is the same caller.
-        let lower = HeaderValue::try_from(
-            basic("Iv1.app:right")
-                .to_str()
-                .unwrap()
-                .replace("Basic", "basic"),
-        )
-        .unwrap();
-        assert_eq!(h.key(Some(&lower), "other-path-id"), app);
+        let spelled = basic("Iv1.app:right")
+            .to_str()
+            .unwrap()
+            .replace("Basic ", "basic   ");
+        let spelled = HeaderValue::try_from(spelled).unwrap();
+        assert_eq!(h.key(Some(&spelled), "other-path-id"), app);
         let cases = [
             h.key(Some(&basic("Iv1.app:wrong")), "Iv1.app"),
             h.key(None, "Iv1.app"),
             // A user token is no app credential: the path's client_id alone.
             h.key(Some(&HeaderValue::from_static("token gho_x")), "Iv1.app"),
+            // Neither is Basic that does not decode.
+            h.key(Some(&HeaderValue::from_static("Basic !!junk")), "Iv1.app"),
             h.key(Some(&basic("Iv1.other:right")), "Iv1.app"),
+            // The colon is where the client_id ends: "a:b:c" is not "a:b" + "c" moved.
+            h.key(Some(&basic("Iv1.app:ri:ght")), "Iv1.app"),
         ];
         for (i, k) in cases.iter().enumerate() {
             assert_ne!(*k, app, "case {i}");
         }
         assert_eq!(cases[1], cases[2], "no credential: the client_id alone");
-        assert!(app.is_basic() && !cases[1].is_basic());
-        // A client_id alone never equals a Basic credential that spells the same bytes.
+        assert_eq!(cases[1], cases[3], "undecodable: the client_id alone");
+        assert!(app.is_basic() && !cases[1].is_basic() && !cases[3].is_basic());
         assert_ne!(
-            h.key(None, "Iv1-app"),
-            h.key(Some(&HeaderValue::from_static("Basic Iv1-app")), "x")
+            h.key(Some(&basic("ab:c")), "x"),
+            h.key(Some(&basic("a:bc")), "x"),
+            "the client_id's length is part of the hash"
         );
     }
 

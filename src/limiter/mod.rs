@@ -33,7 +33,7 @@ pub use flight::IN_FLIGHT_ALLOWANCE;
 pub use gcra::{Charged, LimiterClock};
 pub use keys::{CredentialKey, NoRandomness};
 
-use flight::Flights;
+use flight::{Flights, Reserve};
 use gcra::{Gcra, Peek};
 use keys::{ClientAddress, CredentialHasher, address_key};
 
@@ -279,7 +279,6 @@ impl FailedChecks {
             token: token_operation,
         };
         let mut waited = false;
-        let mut armed: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>> = None;
         loop {
             if let Some(blocked) = self.spent(&keys, wanted) {
                 if !self.shadow {
@@ -288,28 +287,28 @@ impl FailedChecks {
                 let permit = self.permit(keys, Slots::default(), waited, true);
                 return Admission::WouldLimit(blocked, permit);
             }
-            if self.shadow {
-                return Admission::Pass(self.permit(keys, Slots::default(), waited, false));
-            }
             let busy = match self.try_reserve(&keys, wanted) {
                 Ok(()) => return Admission::Pass(self.permit(keys, wanted, waited, false)),
                 Err(busy) => busy,
             };
-            // Arm the wake-up before looking again, so a release in between is not missed.
-            let Some(notified) = armed.take() else {
-                let mut n = Box::pin(busy.released.notified_owned());
-                n.as_mut().enable();
-                armed = Some(n);
-                continue;
+            let Some(woken) = busy.woken else {
+                continue; // spent since the look above: the next look says so
             };
+            let blocked = Blocked {
+                class: busy.class,
+                kind: busy.kind,
+                reason: BlockReason::InFlight,
+                retry_after: Duration::from_secs(1),
+            };
+            if self.shadow {
+                // Nothing waits in shadow mode: report what enforce would have held.
+                let permit = self.permit(keys, Slots::default(), waited, true);
+                return Admission::WouldLimit(blocked, permit);
+            }
             waited = true;
-            if tokio::time::timeout_at(wait_until, notified).await.is_err() {
-                let blocked = Blocked {
-                    class: busy.class,
-                    kind: busy.kind,
-                    reason: BlockReason::InFlight,
-                    retry_after: Duration::from_secs(1),
-                };
+            if tokio::time::timeout_at(wait_until, woken).await.is_err()
+                || Instant::now() >= wait_until
+            {
                 return Admission::Limited(blocked, true);
             }
         }
@@ -347,37 +346,43 @@ impl FailedChecks {
     /// Takes a slot in every wanted quota, or none. Each quota's failures left are read under
     /// its in-flight table's lock ([`Flights::try_reserve`]).
     fn try_reserve(&self, keys: &CallKeys, wanted: Slots) -> Result<(), Busy> {
-        let busy = |i: usize, released| Busy {
+        let busy = |i: usize, r: Reserve| Busy {
             class: QUOTAS[i].0,
             kind: QUOTAS[i].1,
-            released,
+            woken: match r {
+                Reserve::Full(woken) => Some(woken),
+                Reserve::Taken | Reserve::NoneLeft => None,
+            },
         };
         if wanted.credential {
             let q = &self.by_credential;
-            q.flights
-                .try_reserve(&keys.credential, || left(q.gcra.peek(&keys.credential)))
-                .map_err(|n| busy(0, n))?;
+            let r = q
+                .flights
+                .try_reserve(&keys.credential, || left(q.gcra.peek(&keys.credential)));
+            if !matches!(r, Reserve::Taken) {
+                return Err(busy(0, r));
+            }
         }
         if wanted.client_ip {
             let q = &self.by_client_ip;
-            let reserved = q
+            let r = q
                 .flights
                 .try_reserve(&keys.client_ip, || left(q.gcra.peek(&keys.client_ip)));
-            if let Err(n) = reserved {
+            if !matches!(r, Reserve::Taken) {
                 let taken = Slots {
                     credential: wanted.credential,
                     ..Slots::default()
                 };
                 self.release(keys, taken);
-                return Err(busy(1, n));
+                return Err(busy(1, r));
             }
         }
         if wanted.token {
             let q = &self.token_by_credential;
-            let reserved = q
+            let r = q
                 .flights
                 .try_reserve(&keys.credential, || left(q.gcra.peek(&keys.credential)));
-            if let Err(n) = reserved {
+            if !matches!(r, Reserve::Taken) {
                 self.release(
                     keys,
                     Slots {
@@ -385,7 +390,7 @@ impl FailedChecks {
                         ..wanted
                     },
                 );
-                return Err(busy(2, n));
+                return Err(busy(2, r));
             }
         }
         Ok(())
@@ -415,6 +420,13 @@ impl FailedChecks {
 
     /// Charges a failure of `class` and updates the verified credentials.
     fn settle(&self, keys: &CallKeys, settle: Settle) -> [Option<Charge>; 2] {
+        let verify = |k: &CredentialKey| {
+            // Only a credential the caller presented can be verified: an answer to a call with
+            // no Basic credentials proves nothing about whoever else names the same client_id.
+            if k.is_basic() {
+                self.verify(k);
+            }
+        };
         let charge = |class, kind, result| {
             Some(Charge {
                 class,
@@ -438,21 +450,22 @@ impl FailedChecks {
                     ),
                 ]
             }
-            Settle::Failure(FailureClass::Token) => [
-                charge(
-                    FailureClass::Token,
-                    KeyKind::Credential,
-                    self.token_by_credential.gcra.charge(&keys.credential),
-                ),
-                None,
-            ],
-            // Only a credential the caller presented can be verified: a 2xx to a call with no
-            // Basic credentials proves nothing about whoever else names the same client_id.
-            Settle::Accepted if keys.credential.is_basic() => {
-                self.verify(&keys.credential);
+            // The upstream judged the token, so it accepted the credentials.
+            Settle::Failure(FailureClass::Token) => {
+                verify(&keys.credential);
+                [
+                    charge(
+                        FailureClass::Token,
+                        KeyKind::Credential,
+                        self.token_by_credential.gcra.charge(&keys.credential),
+                    ),
+                    None,
+                ]
+            }
+            Settle::Accepted => {
+                verify(&keys.credential);
                 [None, None]
             }
-            Settle::Accepted => [None, None],
             Settle::Neutral => [None, None],
         }
     }
@@ -537,11 +550,11 @@ fn left(peek: Peek) -> u32 {
     }
 }
 
-/// A quota with no slot for a request: which one, and what to wait on.
+/// A quota with no slot for a request: which one, and what to wait on (`None`: spent).
 struct Busy {
     class: FailureClass,
     kind: KeyKind,
-    released: Arc<tokio::sync::Notify>,
+    woken: Option<std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>>,
 }
 
 /// A request let through the gate. Holds its in-flight slots until it is settled or dropped,
@@ -572,11 +585,31 @@ impl Permit {
     /// Records the request's outcome (charges a failure, verifies or unverifies the credential)
     /// and gives back its slots. A shadow-mode request that would have been refused changes
     /// nothing, as enforcement would never have forwarded it.
-    pub fn settle(self, settle: Settle) -> [Option<Charge>; 2] {
+    pub fn settle(self, settle: Settle) -> [Option<Charge>; 3] {
         if self.inert {
-            return [None, None];
+            return [None; 3];
         }
-        self.limiter.settle(&self.keys, settle)
+        let [a, b] = self.limiter.settle(&self.keys, settle);
+        [a, b, None]
+    }
+
+    /// Records a forwarded request whose answer will never be known (its client went away and
+    /// it could not be seen through): a failure of each class it was held to, as the worst it
+    /// could have been, so hanging up never buys an uncharged guess. Gives back its slots.
+    pub fn abandon(self) -> [Option<Charge>; 3] {
+        if self.inert {
+            return [None; 3];
+        }
+        let held = |class| self.limiter.settle(&self.keys, Settle::Failure(class));
+        let [a, b] = match self.slots.credential || self.slots.client_ip {
+            true => held(FailureClass::Credential),
+            false => [None, None],
+        };
+        let [c, _] = match self.slots.token {
+            true => held(FailureClass::Token),
+            false => [None, None],
+        };
+        [a, b, c]
     }
 }
 
@@ -602,7 +635,9 @@ mod tests {
     }
 
     fn keys(l: &FailedChecks, secret: &str, ip: &str) -> CallKeys {
-        let auth = HeaderValue::try_from(format!("Basic {secret}")).unwrap();
+        use base64::Engine as _;
+        let enc = base64::engine::general_purpose::STANDARD.encode(format!("Iv1.app:{secret}"));
+        let auth = HeaderValue::try_from(format!("Basic {enc}")).unwrap();
         l.keys(
             Some(&auth),
             "Iv1.app",
@@ -750,7 +785,7 @@ mod tests {
             let k = keys(&l, "g3", "192.0.2.9");
             async move { matches!(l.admit(k, true, far()).await, Admission::Pass(_)) }
         });
-        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!third.is_finished(), "a third waits");
         // The first was a success after all (a 2xx): the waiter goes on.
         pa.settle(Settle::Accepted);
@@ -808,6 +843,59 @@ mod tests {
             panic!()
         };
         assert_eq!(b.retry_after, Duration::from_secs(6));
+    }
+
+    #[tokio::test]
+    async fn shadow_mode_reports_calls_in_flight_past_failures_left_without_holding_them() {
+        let (l, _clock) = limiter(|c| {
+            c.mode = FailedChecksMode::Shadow;
+            c.client_ip.burst = 1;
+        });
+        let Admission::Pass(first) = l.admit(keys(&l, "g1", "192.0.2.1"), true, far()).await else {
+            panic!()
+        };
+        // One failure left and one call in flight: enforce would hold a second; shadow says so
+        // at once and forwards it.
+        let second = l.admit(keys(&l, "g2", "192.0.2.1"), true, far());
+        let Ok(Admission::WouldLimit(b, _)) =
+            tokio::time::timeout(Duration::from_millis(100), second).await
+        else {
+            panic!("shadow mode held or refused a call")
+        };
+        assert_eq!(
+            (b.kind, b.reason),
+            (KeyKind::ClientIp, BlockReason::InFlight)
+        );
+        drop(first);
+    }
+
+    #[tokio::test]
+    async fn a_token_failure_verifies_the_credential_that_passed() {
+        let (l, _clock) = limiter(|_| {});
+        let app = keys(&l, "right", "192.0.2.1");
+        let Admission::Pass(p) = l.admit(app, true, far()).await else {
+            panic!()
+        };
+        p.settle(Settle::Failure(FailureClass::Token));
+        assert!(
+            l.is_verified(&app.credential),
+            "the upstream judged the token"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_call_is_charged_for_each_quota_it_was_held_to() {
+        let (l, _clock) = limiter(|_| {});
+        let Admission::Pass(p) = l.admit(keys(&l, "g", "192.0.2.1"), true, far()).await else {
+            panic!()
+        };
+        let charged: Vec<_> = p
+            .abandon()
+            .into_iter()
+            .flatten()
+            .map(|c| (c.class, c.kind))
+            .collect();
+        assert_eq!(charged, QUOTAS);
     }
 
     #[tokio::test]

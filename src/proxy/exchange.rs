@@ -15,7 +15,7 @@ use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::body::{DeadlineBody, ProxyBody};
@@ -29,7 +29,8 @@ use crate::proxy::plan::Forward;
 use crate::proxy::{Inner, ProxySettings};
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequestBody};
 
-/// Requests not yet accounted for, and the cut-off signal. Cheap to clone.
+/// Requests not yet accounted for, the room left for detached exchanges, and the cut-off
+/// signal. Cheap to clone.
 #[derive(Clone)]
 pub struct Lifecycle {
     shared: Arc<LifecycleShared>,
@@ -39,15 +40,19 @@ struct LifecycleShared {
     open: AtomicUsize,
     idle: Notify,
     cut_off: watch::Sender<bool>,
+    detached: Arc<Semaphore>,
 }
 
-impl Default for Lifecycle {
-    fn default() -> Self {
+impl Lifecycle {
+    /// Bookkeeping for a proxy that sees at most `max_detached` exchanges through after their
+    /// clients went away (`server.max_detached_exchanges`).
+    pub fn new(max_detached: usize) -> Self {
         Lifecycle {
             shared: Arc::new(LifecycleShared {
                 open: AtomicUsize::new(0),
                 idle: Notify::new(),
                 cut_off: watch::Sender::new(false),
+                detached: Arc::new(Semaphore::new(max_detached)),
             }),
         }
     }
@@ -213,16 +218,31 @@ struct DetachOnDrop<F: Future<Output = Exchanged> + Send + 'static> {
 
 impl<F: Future<Output = Exchanged> + Send + 'static> Drop for DetachOnDrop<F> {
     fn drop(&mut self) {
-        let (Some(exchange), Some((inner, pending))) = (self.exchange.take(), self.rest.take())
+        let (Some(exchange), Some((inner, mut pending))) = (self.exchange.take(), self.rest.take())
         else {
             return;
         };
-        // Without a runtime (the process is ending) the observation records the request as is.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let exchanged = exchange.await;
-                settle(&inner, pending, exchanged, Outcome::ClientGone);
-            });
+        let room = inner.lifecycle.shared.detached.clone().try_acquire_owned();
+        match (room, tokio::runtime::Handle::try_current()) {
+            (Ok(room), Ok(rt)) => {
+                let _detached = inner.metrics.detached_started();
+                rt.spawn(async move {
+                    let exchanged = exchange.await;
+                    settle(&inner, pending, exchanged, Outcome::ClientGone);
+                    drop((room, _detached));
+                });
+            }
+            // No room (or no runtime: the process is ending). The exchange goes; its answer
+            // will never be known, so it is charged as the worst it could have been, and its
+            // observation records it as it drops (status 499).
+            (room, _) => {
+                drop(room);
+                drop(exchange);
+                inner.metrics.detached_refused();
+                if let Some(permit) = pending.permit.take() {
+                    pending.obs.gate.charges = permit.abandon();
+                }
+            }
         }
     }
 }
@@ -322,7 +342,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_waits_for_every_open_request() {
-        let l = Lifecycle::default();
+        let l = Lifecycle::new(1);
         let a = l.open();
         let b = l.open();
         let waiter = tokio::spawn({
@@ -341,7 +361,7 @@ mod tests {
 
     #[tokio::test]
     async fn cut_off_reaches_signals_taken_before_and_after() {
-        let l = Lifecycle::default();
+        let l = Lifecycle::new(1);
         let early = l.cut_off_signal();
         l.cut_off();
         let late = l.cut_off_signal();

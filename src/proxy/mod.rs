@@ -56,6 +56,9 @@ pub struct ProxySettings {
     /// Headers added to every response to a legacy call; `None` when
     /// `migration.deprecation_headers` is false.
     pub deprecation: Option<DeprecationHeaders>,
+    /// Exchanges seen through after their client went away, at most at once
+    /// (`server.max_detached_exchanges`).
+    pub max_detached_exchanges: usize,
 }
 
 impl From<&Config> for ProxySettings {
@@ -70,6 +73,7 @@ impl From<&Config> for ProxySettings {
             deprecation: m
                 .deprecation_headers
                 .then(|| DeprecationHeaders::new(&m.deprecation)),
+            max_detached_exchanges: c.server.max_detached_exchanges,
         }
     }
 }
@@ -122,11 +126,11 @@ impl Proxy {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                lifecycle: Lifecycle::new(settings.max_detached_exchanges),
                 upstream,
                 settings,
                 metrics,
                 limiter,
-                lifecycle: Lifecycle::default(),
             }),
         }
     }

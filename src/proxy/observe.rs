@@ -55,7 +55,7 @@ pub struct GateRecord {
     /// Waited for another call of its key to finish.
     pub waited: bool,
     /// The failures charged for its answer.
-    pub charges: [Option<Charge>; 2],
+    pub charges: [Option<Charge>; 3],
     /// What the limiter tracked after charging, when something was charged.
     pub tracked: Option<Tracked>,
 }

@@ -42,8 +42,7 @@ impl Call {
     }
 }
 
-/// How to forward a request.
-#[derive(Debug)]
+/// How to forward a request. Its `Debug` shows neither the body nor the `Authorization` value.
 pub struct Forward {
     /// The replacement method of a rewritten legacy call; `None` keeps the client's.
     pub method: Option<Method>,
@@ -55,6 +54,17 @@ pub struct Forward {
     /// `Authorization` built from deprecated query credentials, to set because the request has
     /// none. Sensitive.
     pub authorization: Option<HeaderValue>,
+}
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward")
+            .field("method", &self.method)
+            .field("path_and_query", &self.path_and_query)
+            .field("json_body_bytes", &self.json_body.as_ref().map(Bytes::len))
+            .field("authorization", &self.authorization.is_some())
+            .finish()
+    }
 }
 
 /// The decision for one request.
