@@ -53,6 +53,14 @@ async fn check(s: &Setup, from: &str, client_id: &str, secret: &str, token: &str
     .await
 }
 
+/// A quota of `burst` failures, then one a minute.
+fn per_minute(burst: u32) -> QuotaConfig {
+    QuotaConfig {
+        burst,
+        replenish: Duration::from_secs(60),
+    }
+}
+
 fn series(m: &HashMap<String, f64>, name: &str, labels: &str) -> f64 {
     let key = match labels {
         "" => format!("oauth_apps_gateway_{name}"),
@@ -125,10 +133,7 @@ async fn an_attacker_with_wrong_secrets_never_locks_the_app_out() {
 #[tokio::test]
 async fn the_same_wrong_secret_spends_its_credential_quota_and_recovers() {
     let s = setup(|c| {
-        c.failed_checks.credential = QuotaConfig {
-            burst: 3,
-            replenish: Duration::from_secs(60),
-        };
+        c.failed_checks.credential = per_minute(3);
     })
     .await;
     for _ in 0..3 {
@@ -227,10 +232,7 @@ async fn a_batch_job_checking_revoked_tokens_is_never_limited_under_the_defaults
 #[tokio::test]
 async fn token_failures_past_their_quota_are_refused_to_that_credential_only() {
     let s = setup(|c| {
-        c.failed_checks.token = QuotaConfig {
-            burst: 5,
-            replenish: Duration::from_secs(60),
-        };
+        c.failed_checks.token = per_minute(5);
     })
     .await;
     for i in 0..5 {
