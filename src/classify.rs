@@ -18,7 +18,8 @@ pub const ENTERPRISE_PREFIX: &str = "/api/v3";
 /// An OAuth Applications token operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
-    /// Check a token: legacy `GET .../tokens/{t}`, new `POST .../token` (GitHub REST: Check a token).
+    /// Check a token: legacy `GET` (or `HEAD`) `.../tokens/{t}`, new `POST .../token` (GitHub REST:
+    /// Check a token).
     Check,
     /// Reset a token: legacy `POST .../tokens/{t}`, new `PATCH .../token` (GitHub REST: Reset a token).
     Reset,
@@ -242,7 +243,8 @@ pub fn classify<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, Classif
     }
 
     let legacy = match (method, kind, third, fourth) {
-        (&Method::GET, "tokens", Some(t), None) => Some((Operation::Check, t)),
+        // The Ruby `gh` gem checks a token with HEAD; it is a check like GET.
+        (&Method::GET | &Method::HEAD, "tokens", Some(t), None) => Some((Operation::Check, t)),
         (&Method::POST, "tokens", Some(t), None) => Some((Operation::Reset, t)),
         (&Method::DELETE, "tokens", Some(t), None) => Some((Operation::RevokeToken, t)),
         (&Method::DELETE, "grants", Some(t), None) => Some((Operation::RevokeGrant, t)),
@@ -298,6 +300,126 @@ pub fn app_client_id(path: &str) -> Option<Cow<'_, str>> {
     decode(segment).filter(|id| !id.is_empty())
 }
 
+/// The forms of a path the classifier matches, besides the path as sent: percent-encoded
+/// unreserved characters decoded and dot segments removed (RFC 3986 §6.2.2.2, §6.2.2.3), then
+/// also empty segments collapsed and a trailing slash dropped. Whether the upstream's router
+/// squeezes `//` or resolves `..` is not the gateway's to bet on: every spelling of a legacy call
+/// is treated as the call. Each form borrows when nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spellings<'a> {
+    /// Unreserved characters decoded, dot segments removed.
+    pub normalized: Cow<'a, str>,
+    /// As `normalized`, with empty segments collapsed and no trailing slash.
+    pub collapsed: Cow<'a, str>,
+}
+
+/// The [`Spellings`] of `path` (the path of a request target, without the query).
+///
+/// # Example
+/// ```
+/// use oauth_apps_gateway::classify::spellings;
+///
+/// let s = spellings("//api/v3/x/../applications/%49v1.a/./tokens/t/");
+/// assert_eq!(s.normalized, "//api/v3/applications/Iv1.a/tokens/t/");
+/// assert_eq!(s.collapsed, "/api/v3/applications/Iv1.a/tokens/t");
+/// ```
+pub fn spellings(path: &str) -> Spellings<'_> {
+    let normalized = match decode_unreserved(path) {
+        Cow::Borrowed(p) => remove_dot_segments(p),
+        Cow::Owned(p) => Cow::Owned(remove_dot_segments(&p).into_owned()),
+    };
+    let collapsed = match collapse_empty_segments(&normalized) {
+        Cow::Borrowed(_) => normalized.clone(),
+        Cow::Owned(c) => Cow::Owned(c),
+    };
+    Spellings {
+        normalized,
+        collapsed,
+    }
+}
+
+/// Decodes `%XX` escapes of unreserved characters (ALPHA, DIGIT, `-`, `.`, `_`, `~`: RFC 3986
+/// §2.3), which mean the same decoded or not; every other escape stays as it is.
+fn decode_unreserved(path: &str) -> Cow<'_, str> {
+    let unreserved_at = |i: usize| {
+        let b = path.as_bytes();
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (Some(h), Some(l)) => {
+                let c = (h * 16 + l) as u8;
+                (c.is_ascii_alphanumeric() || b"-._~".contains(&c)).then_some(c as char)
+            }
+            _ => None,
+        }
+    };
+    if !path
+        .match_indices('%')
+        .any(|(i, _)| unreserved_at(i).is_some())
+    {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        match (path.as_bytes()[i], unreserved_at(i)) {
+            (b'%', Some(c)) => {
+                out.push(c);
+                i += 3;
+            }
+            _ => {
+                let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
+                out.push(ch);
+                i += ch.len_utf8().max(1);
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Removes `.` and `..` segments (RFC 3986 §5.2.4); `..` above the root stays at the root.
+fn remove_dot_segments(path: &str) -> Cow<'_, str> {
+    if !path.split('/').any(|s| s == "." || s == "..") {
+        return Cow::Borrowed(path);
+    }
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, seg) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        match *seg {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+        // A path ending in a dot segment names a directory: it keeps its trailing slash.
+        if last && (*seg == "." || *seg == "..") {
+            out.push("");
+        }
+    }
+    Cow::Owned(format!("/{}", out.join("/")))
+}
+
+/// Collapses runs of `/` into one and drops a trailing `/` (but for the root).
+fn collapse_empty_segments(path: &str) -> Cow<'_, str> {
+    let trailing = path.len() > 1 && path.ends_with('/');
+    if !path.contains("//") && !trailing {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
 /// Percent-decodes one path segment; `None` when the bytes are not UTF-8.
 fn decode(segment: &str) -> Option<Cow<'_, str>> {
     percent_decode_str(segment).decode_utf8().ok()
@@ -332,6 +454,99 @@ mod tests {
             Ok(Route::PassThrough) => Want::Pass,
             Err(e) => Want::Bad(e.operation, e.problem),
         }
+    }
+
+    #[test]
+    fn spellings_of_a_path() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "/applications/C/tokens/T",
+                "/applications/C/tokens/T",
+                "/applications/C/tokens/T",
+            ),
+            (
+                "//applications/C/tokens/T",
+                "//applications/C/tokens/T",
+                "/applications/C/tokens/T",
+            ),
+            (
+                "/applications/C/./tokens/T",
+                "/applications/C/tokens/T",
+                "/applications/C/tokens/T",
+            ),
+            (
+                "/applications/C/tokens/T/",
+                "/applications/C/tokens/T/",
+                "/applications/C/tokens/T",
+            ),
+            (
+                "/applications/C/%74okens/T",
+                "/applications/C/tokens/T",
+                "/applications/C/tokens/T",
+            ),
+            (
+                "/applications/C/%2e/tokens/T",
+                "/applications/C/tokens/T",
+                "/applications/C/tokens/T",
+            ),
+            (
+                "/x/../applications/C/tokens/T",
+                "/applications/C/tokens/T",
+                "/applications/C/tokens/T",
+            ),
+            // `..` removes `v3` only: no legacy call is left (and this is what is forwarded).
+            (
+                "/api/v3/../applications/C/grants/T",
+                "/api/applications/C/grants/T",
+                "/api/applications/C/grants/T",
+            ),
+            (
+                "/api/v3/x/../applications/C/grants/T",
+                "/api/v3/applications/C/grants/T",
+                "/api/v3/applications/C/grants/T",
+            ),
+            (
+                "/../../applications/C/token",
+                "/applications/C/token",
+                "/applications/C/token",
+            ),
+            (
+                "/applications/C/tokens/T/..",
+                "/applications/C/tokens/",
+                "/applications/C/tokens",
+            ),
+            (
+                "/applications//tokens/T",
+                "/applications//tokens/T",
+                "/applications/tokens/T",
+            ),
+            // Reserved escapes and other bytes stay as sent.
+            (
+                "/applications/C/tokens/a%2Fb%25",
+                "/applications/C/tokens/a%2Fb%25",
+                "/applications/C/tokens/a%2Fb%25",
+            ),
+            (
+                "/applications/C/tokens/%E2%9C%93",
+                "/applications/C/tokens/%E2%9C%93",
+                "/applications/C/tokens/%E2%9C%93",
+            ),
+            ("/%", "/%", "/%"),
+            ("/", "/", "/"),
+            ("", "", ""),
+        ];
+        for (path, normalized, collapsed) in cases {
+            let s = spellings(path);
+            assert_eq!(
+                (&*s.normalized, &*s.collapsed),
+                (*normalized, *collapsed),
+                "{path}"
+            );
+        }
+        assert!(
+            matches!(spellings("/user").collapsed, Cow::Borrowed(_)),
+            "no allocation"
+        );
     }
 
     #[test]

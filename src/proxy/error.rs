@@ -37,6 +37,10 @@ pub enum ProxyError {
     /// `CONNECT`: the gateway is no tunnel or forward proxy: 405.
     #[error("CONNECT is not supported")]
     MethodNotAllowed,
+    /// A case variant of a standard method (`get`) on the path of a token operation: 400.
+    /// Methods are case-sensitive (RFC 9110 §9.1).
+    #[error("method name in the wrong case")]
+    MethodCase,
     /// The client's request body could not be read: 400.
     #[error("request body could not be read")]
     RequestBody,
@@ -68,6 +72,7 @@ impl From<&ProxyError> for StatusCode {
         match e {
             ProxyError::MalformedLegacy(_)
             | ProxyError::InvalidQueryCredential(_)
+            | ProxyError::MethodCase
             | ProxyError::RequestBody => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -99,6 +104,9 @@ impl ProxyError {
                 format!("Request body too large: the gateway accepts at most {limit} bytes.")
             }
             ProxyError::RequestBody => "Bad request: the request body could not be read.".into(),
+            ProxyError::MethodCase => {
+                "Bad request: HTTP method names are case-sensitive (RFC 9110 §9.1); use GET, HEAD, POST, PATCH or DELETE in upper case.".into()
+            }
             ProxyError::MethodNotAllowed => {
                 "Method not allowed: this gateway forwards API calls to one upstream; it is not a tunnel.".into()
             }
@@ -142,7 +150,7 @@ impl ProxyError {
 
     fn documentation_url(&self) -> &'static str {
         match self {
-            ProxyError::MalformedLegacy(_) => OAUTH_APPS_DOCS,
+            ProxyError::MalformedLegacy(_) | ProxyError::MethodCase => OAUTH_APPS_DOCS,
             ProxyError::Gone { operation, .. } => replacement_docs(*operation),
             _ => REST_DOCS,
         }
@@ -235,6 +243,7 @@ mod tests {
             (malformed, 400),
             (ProxyError::InvalidQueryCredential(InvalidCredential), 400),
             (ProxyError::RequestBody, 400),
+            (ProxyError::MethodCase, 400),
             (ProxyError::MethodNotAllowed, 405),
             (ProxyError::PayloadTooLarge { limit: 10 }, 413),
             (

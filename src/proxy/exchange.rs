@@ -10,9 +10,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full, Limited};
 use hyper::body::Incoming;
 use tokio::sync::{Notify, Semaphore, watch};
@@ -290,7 +291,8 @@ fn settle(
 }
 
 /// The last step of every request, forwarded or not: status compatibility and deprecation
-/// headers for a legacy call, then the observation.
+/// headers for a legacy call, no body for a `HEAD` request (RFC 9110 §9.3.2; a rewritten `HEAD`
+/// check is a `POST` upstream, whose answer has one), then the observation.
 pub fn answer(
     settings: &ProxySettings,
     mut obs: Observation,
@@ -309,6 +311,9 @@ pub fn answer(
         if let Some(d) = &settings.deprecation {
             d.apply(resp.headers_mut());
         }
+    }
+    if obs.method() == Method::HEAD {
+        *resp.body_mut() = Either::Left(Full::new(Bytes::new()));
     }
     obs.finish(resp.status(), outcome);
     resp

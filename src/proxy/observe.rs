@@ -111,6 +111,11 @@ impl Observation {
         &self.call
     }
 
+    /// The request's method, as the client sent it.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
     /// Records the upstream's response head, `elapsed` after forwarding.
     pub fn upstream_answered(&mut self, elapsed: Duration) {
         self.upstream = Some(UpstreamRecord::Answered(elapsed));

@@ -11,6 +11,7 @@ use http::{Method, Uri};
 
 use crate::classify::{
     ClassifyError, LegacyCall, Malformed, Operation, Route, RouteClass, app_client_id, classify,
+    spellings,
 };
 use crate::config::Mode;
 use crate::metrics::LegacyAction;
@@ -80,7 +81,40 @@ pub enum Plan {
 /// `headers`. Allocates only the client_id of an OAuth Applications call (it outlives the request
 /// head: a call whose client went away is still accounted for) and what a rewrite builds.
 pub fn plan(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &ProxySettings) -> Plan {
-    let route = match classify(method, uri.path()) {
+    // Every spelling of a call is the call: the path is classified as normalized (RFC 3986
+    // §6.2.2), then with empty segments collapsed, and forwarded as it was classified.
+    let spelled = spellings(uri.path());
+    let classified = |method: &Method| match classify(method, &spelled.normalized) {
+        Ok(Route::PassThrough) => match classify(method, &spelled.collapsed) {
+            Ok(Route::PassThrough) => (Ok(Route::PassThrough), &*spelled.normalized),
+            other => (other, &*spelled.collapsed),
+        },
+        other => (other, &*spelled.normalized),
+    };
+    // Methods are case-sensitive (RFC 9110 §9.1): `get` is not GET. On the path of a token
+    // operation a case variant is refused rather than forwarded with a token in its path.
+    if let Some(upper) = case_variant(method)
+        && let (r, _) = classified(&upper)
+        && !matches!(r, Ok(Route::PassThrough))
+    {
+        let (class, operation) = match &r {
+            Ok(r) => (r.class(), r.operation()),
+            Err(e) => (RouteClass::Legacy, Some(e.operation)),
+        };
+        let call = Call {
+            class,
+            operation,
+            legacy: match (class, operation) {
+                (RouteClass::Legacy, Some(op)) => Some((op, LegacyAction::Malformed)),
+                _ => None,
+            },
+            client_id: r.as_ref().ok().and_then(Route::client_id).map(Box::from),
+            query_credentials: (false, false),
+        };
+        return Plan::Answer(call, ProxyError::MethodCase);
+    }
+    let (route, canonical) = classified(method);
+    let route = match route {
         Ok(route) => route,
         Err(e) => {
             let call = Call {
@@ -109,7 +143,7 @@ pub fn plan(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &ProxySet
             (c.operation, action)
         }),
         client_id: match &route {
-            Route::PassThrough => app_client_id(uri.path()).map(Box::from),
+            Route::PassThrough => app_client_id(&spelled.collapsed).map(Box::from),
             r => r.client_id().map(Box::from),
         },
         query_credentials: (false, false),
@@ -168,8 +202,12 @@ pub fn plan(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &ProxySet
         },
         None => Forward {
             method: None,
-            path_and_query: if creds.removed_any() {
-                rebuild_path_and_query(uri.path(), creds.remaining.as_deref())
+            path_and_query: if creds.removed_any() || canonical != uri.path() {
+                let query = match creds.removed_any() {
+                    true => creds.remaining.as_deref(),
+                    false => uri.query(),
+                };
+                rebuild_path_and_query(canonical, query)
             } else {
                 uri.path_and_query()
                     .cloned()
@@ -180,6 +218,16 @@ pub fn plan(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &ProxySet
         },
     };
     Plan::Forward(call, forward)
+}
+
+/// The method a case variant of GET, HEAD, POST, PATCH or DELETE names, such as `Get`.
+fn case_variant(method: &Method) -> Option<Method> {
+    let name = method.as_str();
+    let upper = name.to_ascii_uppercase();
+    let standard = ["GET", "HEAD", "POST", "PATCH", "DELETE"].contains(&upper.as_str());
+    (standard && upper != name)
+        .then(|| Method::from_bytes(upper.as_bytes()).ok())
+        .flatten()
 }
 
 fn rebuild_path_and_query(path: &str, query: Option<&str>) -> PathAndQuery {
@@ -242,6 +290,10 @@ mod tests {
             call.client_id.as_deref().unwrap_or("-"),
         )
     }
+
+    /// What every spelling of a legacy check of `gho_t` for `Iv1.a` becomes.
+    const CHECK: &str =
+        "POST /applications/Iv1.a/token {\"access_token\":\"gho_t\"} | legacy | rewritten | Iv1.a";
 
     #[test]
     fn table() {
@@ -343,6 +395,164 @@ mod tests {
                 "/user?access_token=%0A",
                 false,
                 "400 | pass_through | - | -",
+            ),
+            // Every spelling of a legacy call is the call, forwarded in canonical form.
+            (
+                &rewrite,
+                "GET",
+                "//applications/Iv1.a/tokens/gho_t",
+                true,
+                CHECK,
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a/./tokens/gho_t",
+                true,
+                CHECK,
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a/tokens/gho_t/",
+                true,
+                CHECK,
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a//tokens//gho_t",
+                true,
+                CHECK,
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a/%74okens/gho_t",
+                true,
+                CHECK,
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications/%49v1.a/tokens/gho_t",
+                true,
+                CHECK,
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/x/../applications/Iv1.a/tokens/gho_t",
+                true,
+                CHECK,
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a/tokens/x/../gho_t",
+                true,
+                CHECK,
+            ),
+            (
+                &rewrite,
+                "HEAD",
+                "/applications/Iv1.a/tokens/gho_t",
+                true,
+                CHECK,
+            ),
+            (
+                &rewrite,
+                "DELETE",
+                "/api/v3//applications/Iv1.a/grants/gho_t/?x=1",
+                true,
+                "DELETE /api/v3/applications/Iv1.a/grant?x=1 {\"access_token\":\"gho_t\"} | legacy | rewritten | Iv1.a",
+            ),
+            (
+                &reject,
+                "POST",
+                "//applications/Iv1.a/tokens/gho_t",
+                true,
+                "410 | legacy | rejected | Iv1.a",
+            ),
+            (
+                &reject,
+                "POST",
+                "/applications/Iv1.a/./tokens/gho_t/",
+                true,
+                "410 | legacy | rejected | Iv1.a",
+            ),
+            (
+                &observe,
+                "GET",
+                "/applications/Iv1.a//tokens/gho_t?p=1",
+                true,
+                "GET /applications/Iv1.a/tokens/gho_t?p=1 | legacy | observed | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications//tokens/gho_t",
+                true,
+                "400 | legacy | malformed | -",
+            ),
+            // ... and of a new-form call.
+            (
+                &rewrite,
+                "POST",
+                "//applications/Iv1.a/token/",
+                true,
+                "POST /applications/Iv1.a/token | token_api | - | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "POST",
+                "/applications/Iv1.a/token/./scoped",
+                true,
+                "POST /applications/Iv1.a/token/scoped | token_api | - | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "DELETE",
+                "//applications/Iv1.a/other",
+                true,
+                "DELETE //applications/Iv1.a/other | pass_through | - | Iv1.a",
+            ),
+            // Methods are case-sensitive: a variant on a token-operation path is refused.
+            (
+                &rewrite,
+                "get",
+                "/applications/Iv1.a/tokens/gho_t",
+                true,
+                "400 | legacy | malformed | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "Delete",
+                "//applications/Iv1.a/token",
+                true,
+                "400 | token_api | - | Iv1.a",
+            ),
+            (
+                &rewrite,
+                "get",
+                "/user",
+                false,
+                "get /user | pass_through | - | -",
+            ),
+            // Elsewhere dot segments are resolved before forwarding, and `//` kept.
+            (
+                &rewrite,
+                "GET",
+                "/user/../repos//x",
+                false,
+                "GET /repos//x | pass_through | - | -",
+            ),
+            (
+                &rewrite,
+                "DELETE",
+                "/api/v3/../applications/C/grants/T",
+                false,
+                "DELETE /api/applications/C/grants/T | pass_through | - | -",
             ),
         ];
         for (s, method, target, auth, want) in cases {
