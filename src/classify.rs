@@ -640,7 +640,13 @@ mod tests {
             ("POST", "/applications/abc/grants/t1", Pass),
             ("PUT", "/applications/abc/tokens/t1", Pass),
             ("PATCH", "/applications/abc/tokens/t1", Pass),
-            ("HEAD", "/applications/abc/tokens/t1", Pass),
+            // HEAD is a check (the Ruby `gh` gem checks tokens with it).
+            (
+                "HEAD",
+                "/applications/abc/tokens/t1",
+                Legacy(Check, "", "abc", "t1"),
+            ),
+            ("HEAD", "/applications/abc/grants/t1", Pass),
             ("GET", "/applications/abc/tokens/t1/", Pass),
             ("GET", "/applications/abc/tokens/t1/extra", Pass),
             ("GET", "/applications/abc/tokens", Pass),
