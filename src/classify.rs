@@ -32,14 +32,18 @@ pub enum Operation {
     /// Create a scoped token: `POST .../token/scoped`, new form only
     /// (GitHub REST: Create a scoped access token). Never a legacy operation.
     ScopeToken,
+    /// Revoke every token of the app: legacy `DELETE .../tokens`, removed by GitHub with no
+    /// replacement (github3.py 4.0.1 `revoke_authorizations` still calls it). Carries no token.
+    RevokeAll,
 }
 
-/// The four operations that have a legacy (token-in-path) form, in a fixed order.
-pub const LEGACY_OPERATIONS: [Operation; 4] = [
+/// The operations that have a legacy form, in a fixed order.
+pub const LEGACY_OPERATIONS: [Operation; 5] = [
     Operation::Check,
     Operation::Reset,
     Operation::RevokeToken,
     Operation::RevokeGrant,
+    Operation::RevokeAll,
 ];
 
 impl Operation {
@@ -56,10 +60,18 @@ impl Operation {
             Operation::RevokeToken => "revoke_token",
             Operation::RevokeGrant => "revoke_grant",
             Operation::ScopeToken => "scope_token",
+            Operation::RevokeAll => "revoke_all",
         }
     }
 
+    /// Whether the operation judges one access token (all but revoke-all), so that a 404 or 422
+    /// to it is a token failure.
+    pub fn has_token(self) -> bool {
+        self != Operation::RevokeAll
+    }
+
     /// Method and last path segment(s) of the replacement endpoint, after `/applications/{client_id}/`.
+    /// Revoke-all has none: GitHub's advice is to revoke each token, which this names.
     pub fn replacement(self) -> (Method, &'static str) {
         match self {
             Operation::Check => (Method::POST, "token"),
@@ -67,6 +79,7 @@ impl Operation {
             Operation::RevokeToken => (Method::DELETE, "token"),
             Operation::RevokeGrant => (Method::DELETE, "grant"),
             Operation::ScopeToken => (Method::POST, "token/scoped"),
+            Operation::RevokeAll => (Method::DELETE, "token"),
         }
     }
 }
@@ -107,6 +120,15 @@ impl std::fmt::Debug for LegacyCall<'_> {
 pub enum Route<'a> {
     /// One of the four deprecated token-in-path operations: to be rewritten.
     Legacy(LegacyCall<'a>),
+    /// The removed revoke-all call, `DELETE [/api/v3]/applications/{client_id}/tokens`.
+    RevokeAll {
+        /// `""` or [`ENTERPRISE_PREFIX`], as the client sent it.
+        prefix: &'a str,
+        /// The client_id path segment exactly as sent, for the 410 message.
+        client_id_segment: &'a str,
+        /// The client_id, percent-decoded.
+        client_id: Cow<'a, str>,
+    },
     /// A call to the replacement token API (token in the body); forwarded unchanged.
     TokenApi {
         /// Which operation.
@@ -123,7 +145,9 @@ impl Route<'_> {
     pub fn client_id(&self) -> Option<&str> {
         match self {
             Route::Legacy(call) => Some(&call.client_id),
-            Route::TokenApi { client_id, .. } => Some(client_id),
+            Route::RevokeAll { client_id, .. } | Route::TokenApi { client_id, .. } => {
+                Some(client_id)
+            }
             Route::PassThrough => None,
         }
     }
@@ -132,6 +156,7 @@ impl Route<'_> {
     pub fn operation(&self) -> Option<Operation> {
         match self {
             Route::Legacy(call) => Some(call.operation),
+            Route::RevokeAll { .. } => Some(Operation::RevokeAll),
             Route::TokenApi { operation, .. } => Some(*operation),
             Route::PassThrough => None,
         }
@@ -164,7 +189,7 @@ impl Route<'_> {
     /// The route's class.
     pub fn class(&self) -> RouteClass {
         match self {
-            Route::Legacy(_) => RouteClass::Legacy,
+            Route::Legacy(_) | Route::RevokeAll { .. } => RouteClass::Legacy,
             Route::TokenApi { .. } => RouteClass::TokenApi,
             Route::PassThrough => RouteClass::PassThrough,
         }
@@ -267,6 +292,24 @@ pub fn classify<'a>(method: &Method, path: &'a str) -> Result<Route<'a>, Classif
             client_id,
             access_token,
         }));
+    }
+
+    if let (&Method::DELETE, "tokens", None) = (method, kind, third) {
+        return match decode(client_id_segment) {
+            Some(client_id) if !client_id.is_empty() => Ok(Route::RevokeAll {
+                prefix,
+                client_id_segment,
+                client_id,
+            }),
+            Some(_) => Err(ClassifyError {
+                operation: Operation::RevokeAll,
+                problem: Malformed::EmptyClientId,
+            }),
+            None => Err(ClassifyError {
+                operation: Operation::RevokeAll,
+                problem: Malformed::ClientIdNotUtf8,
+            }),
+        };
     }
 
     let token_api = match (method, kind, third, fourth) {
@@ -434,6 +477,7 @@ mod tests {
     enum Want {
         Legacy(Operation, &'static str, &'static str, &'static str),
         TokenApi(Operation, &'static str),
+        AllTokens(&'static str, &'static str),
         Pass,
         Bad(Operation, Malformed),
     }
@@ -451,6 +495,9 @@ mod tests {
                 operation,
                 client_id,
             }) => Want::TokenApi(operation, client_id.into_owned().leak()),
+            Ok(Route::RevokeAll {
+                prefix, client_id, ..
+            }) => Want::AllTokens(prefix.to_owned().leak(), client_id.into_owned().leak()),
             Ok(Route::PassThrough) => Want::Pass,
             Err(e) => Want::Bad(e.operation, e.problem),
         }
@@ -650,6 +697,18 @@ mod tests {
             ("GET", "/applications/abc/tokens/t1/", Pass),
             ("GET", "/applications/abc/tokens/t1/extra", Pass),
             ("GET", "/applications/abc/tokens", Pass),
+            // Revoke-all: removed by GitHub, a legacy operation with no replacement.
+            ("DELETE", "/applications/abc/tokens", AllTokens("", "abc")),
+            (
+                "DELETE",
+                "/api/v3/applications/a%2Eb/tokens",
+                AllTokens("/api/v3", "a.b"),
+            ),
+            (
+                "DELETE",
+                "/applications//tokens",
+                Bad(Operation::RevokeAll, EmptyClientId),
+            ),
             ("GET", "/applications/abc", Pass),
             ("GET", "/applications/", Pass),
             ("GET", "/Applications/abc/tokens/t1", Pass),

@@ -125,6 +125,9 @@ pub struct OperationModes {
     pub revoke_token: Mode,
     /// Legacy `DELETE .../grants/{t}`.
     pub revoke_grant: Mode,
+    /// Legacy `DELETE .../tokens` (revoke every token; removed by GitHub, no replacement):
+    /// `rewrite` and `reject` both answer 410, `observe` forwards it.
+    pub revoke_all: Mode,
 }
 
 /// The deprecation metadata sent on responses to legacy calls.
@@ -405,6 +408,7 @@ impl Config {
                 "migration.operations.revoke_grant",
                 &m.operations.revoke_grant,
             )?,
+            revoke_all: over("migration.operations.revoke_all", &m.operations.revoke_all)?,
         };
         let date = parse_date("migration.deprecation_date", &m.deprecation_date)?;
         let sunset = m
@@ -827,6 +831,7 @@ mod tests {
             reset: m,
             revoke_token: m,
             revoke_grant: m,
+            revoke_all: m,
         };
         assert_eq!(c.migration.modes, all(Mode::Rewrite));
         assert!(c.migration.status_compat);
@@ -898,6 +903,7 @@ mod tests {
                 reset: Mode::Reject,
                 revoke_token: Mode::Observe,
                 revoke_grant: Mode::Rewrite,
+                revoke_all: Mode::Observe,
             }
         );
     }

@@ -124,14 +124,14 @@ pub struct MetricsError(#[from] prometheus::Error);
 /// All gateway metrics. Shared behind an `Arc`; every method takes `&self`.
 pub struct Metrics {
     registry: Registry,
-    deprecated_calls: [[IntCounter; 5]; 4],
+    deprecated_calls: [[IntCounter; 5]; LEGACY_OPERATIONS.len()],
     query_credentials: [IntCounter; 2],
     responses: IntCounterVec,
     response_children: [Box<[OnceLock<IntCounter>]>; 3],
     request_duration: [Histogram; 3],
     upstream_duration: [Histogram; 3],
     upstream_failures: [IntCounter; 4],
-    status_compat: [IntCounter; 4],
+    status_compat: [IntCounter; LEGACY_OPERATIONS.len()],
     in_flight: IntGauge,
     open_connections: IntGauge,
     failed_checks: [IntCounter; 3],
@@ -547,7 +547,7 @@ struct ClientTable {
 }
 
 struct ClientEntry {
-    calls: [u64; 4],
+    calls: [u64; LEGACY_OPERATIONS.len()],
     first_seen: SystemTime,
     last_seen: SystemTime,
     series: IntCounter,
@@ -556,7 +556,7 @@ struct ClientEntry {
 impl ClientEntry {
     fn new(series: IntCounter, now: SystemTime) -> Self {
         ClientEntry {
-            calls: [0; 4],
+            calls: [0; LEGACY_OPERATIONS.len()],
             first_seen: now,
             last_seen: now,
             series,

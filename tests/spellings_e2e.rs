@@ -169,3 +169,51 @@ async fn a_case_variant_of_a_method_on_a_token_path_is_refused() {
     );
     assert_eq!(gh.request_count(), 0);
 }
+
+#[tokio::test]
+async fn revoke_all_is_answered_410_naming_the_per_token_revoke_and_counted() {
+    // github3.py 4.0.1 `revoke_authorizations`: removed by GitHub, never replaced.
+    let (gh, gw) = gateway(|_| {}).await;
+    for path in ["/applications", "//applications", "/api/v3/applications"] {
+        let url = format!("{}{path}/{CLIENT_ID}/tokens", gw.url());
+        let a = support::call_as_app(Method::DELETE, &url).await;
+        assert_eq!(a.status, 410, "{path}");
+        let msg = a.json()["message"].as_str().unwrap().to_owned();
+        assert!(msg.contains("GitHub removed"), "{msg}");
+        assert!(
+            msg.contains(&format!("/applications/{CLIENT_ID}/token ")),
+            "{msg}"
+        );
+    }
+    assert_eq!(gh.request_count(), 0);
+    let m = scrape(&gw).await;
+    assert_eq!(
+        m["oauth_apps_gateway_deprecated_calls_total{action=\"rejected\",operation=\"revoke_all\"}"],
+        3.0
+    );
+    let report = support::get(&format!("{}/legacy-clients", gw.admin_url())).await;
+    assert_eq!(report.json()["clients"][0]["calls"]["revoke_all"], 3);
+}
+
+#[tokio::test]
+async fn observed_revoke_all_is_forwarded_and_its_404_is_no_token_failure() {
+    let (gh, gw) = gateway(|c| c.migration.modes.revoke_all = Mode::Observe).await;
+    let url = format!("{}/applications/{CLIENT_ID}/./tokens", gw.url());
+    let a = support::call_as_app(Method::DELETE, &url).await;
+    assert_eq!(a.status, 404, "the fake, like GitHub, no longer has it");
+    let requests = gh.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(
+        requests[0].path_and_query,
+        format!("/applications/{CLIENT_ID}/tokens")
+    );
+    let m = scrape(&gw).await;
+    assert_eq!(
+        m["oauth_apps_gateway_deprecated_calls_total{action=\"observed\",operation=\"revoke_all\"}"],
+        1.0
+    );
+    assert_eq!(
+        m["oauth_apps_gateway_failed_checks_total{class=\"token\",key_kind=\"credential\"}"],
+        0.0
+    );
+}

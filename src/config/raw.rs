@@ -103,6 +103,7 @@ pub struct RawOperations {
     pub reset: Option<String>,
     pub revoke_token: Option<String>,
     pub revoke_grant: Option<String>,
+    pub revoke_all: Option<String>,
 }
 
 /// `[admin]`: the admin listener.

@@ -130,6 +130,12 @@ impl ProxyError {
                     ),
                 }
             }
+            ProxyError::Gone {
+                operation: Operation::RevokeAll,
+                replacement,
+            } => format!(
+                "Gone: GitHub removed this endpoint (revoke every token of an application) and it has no replacement. Revoke each token with {replacement} and the token in a JSON body: {{\"access_token\": \"...\"}}."
+            ),
             ProxyError::Gone { replacement, .. } => format!(
                 "Gone: this deprecated endpoint is switched off. Use {replacement} with the token in a JSON body: {{\"access_token\": \"...\"}}."
             ),
@@ -196,11 +202,13 @@ impl ProxyError {
 /// `METHOD /path` of the replacement of a legacy call, for the 410 message. Holds the client_id
 /// segment as sent, never the token.
 pub fn replacement_of(call: &LegacyCall<'_>) -> String {
-    let (method, tail) = call.operation.replacement();
-    format!(
-        "{method} {}/applications/{}/{tail}",
-        call.prefix, call.client_id_segment
-    )
+    replacement_path(call.operation, call.prefix, call.client_id_segment)
+}
+
+/// `METHOD [prefix]/applications/{client_id_segment}/{tail}` of the replacement of `op`.
+pub fn replacement_path(op: Operation, prefix: &str, client_id_segment: &str) -> String {
+    let (method, tail) = op.replacement();
+    format!("{method} {prefix}/applications/{client_id_segment}/{tail}")
 }
 
 /// GitHub's documentation of each replacement endpoint.
@@ -216,6 +224,10 @@ fn replacement_docs(op: Operation) -> &'static str {
         }
         Operation::ScopeToken => {
             "https://docs.github.com/rest/apps/apps#create-a-scoped-access-token"
+        }
+        // Removed with no replacement: each token is revoked on its own.
+        Operation::RevokeAll => {
+            "https://docs.github.com/rest/apps/oauth-applications#delete-an-app-token"
         }
     }
 }

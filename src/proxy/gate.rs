@@ -9,6 +9,7 @@ use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
+use crate::classify::Operation;
 use crate::limiter::{Admission, Blocked, FailedChecks, FailureClass, Permit, Settle};
 use crate::proxy::plan::Call;
 
@@ -54,7 +55,11 @@ pub async fn admit(
     let authorization = authorization.or_else(|| headers.get(header::AUTHORIZATION));
     let keys = limiter.keys(authorization, client_id, peer, headers);
     match limiter
-        .admit(keys, call.operation.is_some(), wait_until)
+        .admit(
+            keys,
+            call.operation.is_some_and(Operation::has_token),
+            wait_until,
+        )
         .await
     {
         Admission::Pass(p) => Verdict::Pass(p),
@@ -75,7 +80,9 @@ pub async fn admit(
 pub fn settle_for(call: &Call, status: StatusCode) -> Settle {
     match status {
         StatusCode::UNAUTHORIZED if call.is_app_call() => Settle::Failure(FailureClass::Credential),
-        StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY if call.operation.is_some() => {
+        StatusCode::NOT_FOUND | StatusCode::UNPROCESSABLE_ENTITY
+            if call.operation.is_some_and(Operation::has_token) =>
+        {
             Settle::Failure(FailureClass::Token)
         }
         s if s.is_success() && call.is_app_call() => Settle::Accepted,
@@ -86,7 +93,7 @@ pub fn settle_for(call: &Call, status: StatusCode) -> Settle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::{Operation, RouteClass};
+    use crate::classify::RouteClass;
 
     fn call(class: RouteClass, operation: Option<Operation>, app: bool) -> Call {
         Call {
@@ -106,6 +113,7 @@ mod tests {
         let scoped = call(RouteClass::TokenApi, Some(Operation::ScopeToken), true);
         let other_app_call = call(RouteClass::PassThrough, None, true);
         let elsewhere = call(RouteClass::PassThrough, None, false);
+        let revoke_all = call(RouteClass::Legacy, Some(Operation::RevokeAll), true);
         let cases: &[(&Call, u16, Settle)] = &[
             (&legacy_check, 200, Accepted),
             (&legacy_check, 204, Accepted),
@@ -123,6 +131,9 @@ mod tests {
             (&other_app_call, 404, Neutral),
             (&other_app_call, 401, Failure(Credential)),
             (&other_app_call, 200, Accepted),
+            // Revoke-all judges no token: its 404 (GitHub removed it) is no token failure.
+            (&revoke_all, 404, Neutral),
+            (&revoke_all, 401, Failure(Credential)),
             // Not an OAuth Applications call at all: nothing.
             (&elsewhere, 401, Neutral),
             (&elsewhere, 404, Neutral),

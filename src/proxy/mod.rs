@@ -86,6 +86,7 @@ impl ProxySettings {
             Operation::Reset => self.modes.reset,
             Operation::RevokeToken => self.modes.revoke_token,
             Operation::RevokeGrant => self.modes.revoke_grant,
+            Operation::RevokeAll => self.modes.revoke_all,
             // Never a legacy operation; forwarded as is if it ever were.
             Operation::ScopeToken => Mode::Observe,
         }

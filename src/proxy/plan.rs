@@ -16,7 +16,7 @@ use crate::classify::{
 use crate::config::Mode;
 use crate::metrics::LegacyAction;
 use crate::proxy::ProxySettings;
-use crate::proxy::error::{ProxyError, replacement_of};
+use crate::proxy::error::{ProxyError, replacement_of, replacement_path};
 use crate::rewrite::{QueryCredentials, replace_legacy, take_query_credentials};
 
 /// What a request is: the facts every later stage reads, decided once here.
@@ -131,17 +131,32 @@ pub fn plan(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &ProxySet
         Route::Legacy(c) => Some((c, settings.mode(c.operation))),
         _ => None,
     };
+    // Revoke-all has no replacement: rewrite and reject both answer 410; observe forwards it.
+    let revoke_all = match &route {
+        Route::RevokeAll {
+            prefix,
+            client_id_segment,
+            ..
+        } => Some((
+            settings.mode(Operation::RevokeAll),
+            replacement_path(Operation::RevokeAll, prefix, client_id_segment),
+        )),
+        _ => None,
+    };
+    let action = |mode| match mode {
+        Mode::Rewrite => LegacyAction::Rewritten,
+        Mode::Observe => LegacyAction::Observed,
+        Mode::Reject => LegacyAction::Rejected,
+    };
     let mut call = Call {
         class: route.class(),
         operation: route.operation(),
-        legacy: legacy_mode.map(|(c, mode)| {
-            let action = match mode {
-                Mode::Rewrite => LegacyAction::Rewritten,
-                Mode::Observe => LegacyAction::Observed,
-                Mode::Reject => LegacyAction::Rejected,
-            };
-            (c.operation, action)
-        }),
+        legacy: match (&legacy_mode, &revoke_all) {
+            (Some((c, mode)), _) => Some((c.operation, action(*mode))),
+            (_, Some((Mode::Observe, _))) => Some((Operation::RevokeAll, LegacyAction::Observed)),
+            (_, Some(_)) => Some((Operation::RevokeAll, LegacyAction::Rejected)),
+            (None, None) => None,
+        },
         client_id: match &route {
             Route::PassThrough => app_client_id(&spelled.collapsed).map(Box::from),
             r => r.client_id().map(Box::from),
@@ -152,6 +167,15 @@ pub fn plan(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &ProxySet
         let gone = ProxyError::Gone {
             operation: c.operation,
             replacement: replacement_of(c),
+        };
+        return Plan::Answer(call, gone);
+    }
+    if let Some((mode, replacement)) = revoke_all
+        && mode != Mode::Observe
+    {
+        let gone = ProxyError::Gone {
+            operation: Operation::RevokeAll,
+            replacement,
         };
         return Plan::Answer(call, gone);
     }
@@ -302,6 +326,8 @@ mod tests {
         reject.modes.reset = Mode::Reject;
         let mut observe = settings(|_| {});
         observe.modes.check = Mode::Observe;
+        let mut observe_all = settings(|_| {});
+        observe_all.modes.revoke_all = Mode::Observe;
         let cases: &[(&ProxySettings, &str, &str, bool, &str)] = &[
             (
                 &rewrite,
@@ -348,10 +374,10 @@ mod tests {
             // Any other call of one app is an app call: its 401s are credential failures.
             (
                 &rewrite,
-                "DELETE",
+                "GET",
                 "/applications/Iv1.a/tokens",
                 true,
-                "DELETE /applications/Iv1.a/tokens | pass_through | - | Iv1.a",
+                "GET /applications/Iv1.a/tokens | pass_through | - | Iv1.a",
             ),
             (
                 &rewrite,
@@ -553,6 +579,28 @@ mod tests {
                 "/api/v3/../applications/C/grants/T",
                 false,
                 "DELETE /api/applications/C/grants/T | pass_through | - | -",
+            ),
+            // Revoke-all (removed by GitHub, no replacement): 410 unless observed.
+            (
+                &rewrite,
+                "DELETE",
+                "/applications/Iv1.a/tokens",
+                true,
+                "410 | legacy | rejected | Iv1.a",
+            ),
+            (
+                &reject,
+                "DELETE",
+                "//api/v3/applications/Iv1.a/tokens/",
+                true,
+                "410 | legacy | rejected | Iv1.a",
+            ),
+            (
+                &observe_all,
+                "DELETE",
+                "/applications/Iv1.a/./tokens",
+                true,
+                "DELETE /applications/Iv1.a/tokens | legacy | observed | Iv1.a",
             ),
         ];
         for (s, method, target, auth, want) in cases {
