@@ -124,7 +124,10 @@ pub async fn run_with_clock(
     )?);
     let readiness = Readiness::new();
     let limiter = match config.failed_checks.enabled {
-        true => Some(Arc::new(FailedChecks::new(&config.failed_checks, clock)?)),
+        true => Some(Arc::new(FailedChecks::new(
+            &config.failed_checks,
+            clock.clone(),
+        )?)),
         false => None,
     };
     let _housekeeping = limiter.clone().map(|limiter| {
@@ -142,6 +145,7 @@ pub async fn run_with_clock(
         ProxySettings::from(&config),
         metrics.clone(),
         limiter,
+        clock,
     );
     let drained = proxy.clone();
 

@@ -85,6 +85,10 @@ pub struct MigrationConfig {
     pub deprecation_headers: bool,
     /// Dates and link those headers carry.
     pub deprecation: Deprecation,
+    /// Scheduled brownouts (`[[migration.brownouts]]`): windows in which legacy operations are
+    /// answered as in mode `reject`, whatever their mode, so app owners notice before the
+    /// removal (as GitHub did before removing these endpoints on 2021-05-05).
+    pub brownouts: Vec<Brownout>,
     /// Media type added to `Accept` on rewritten calls (`migration.preview_accept`); `None` when
     /// the key is the empty string. GitHub Enterprise Server 2.20 requires
     /// `application/vnd.github.doctor-strange-preview+json` (GitHub REST: API previews).
@@ -128,6 +132,53 @@ pub struct OperationModes {
     /// Legacy `DELETE .../tokens` (revoke every token; removed by GitHub, no replacement):
     /// `rewrite` and `reject` both answer 410, `observe` forwards it.
     pub revoke_all: Mode,
+}
+
+/// One brownout window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Brownout {
+    /// When it starts (inclusive).
+    pub start: SystemTime,
+    /// When it ends (exclusive); after `start`.
+    pub end: SystemTime,
+    /// The legacy operations it switches off (all of them unless `operations` names some).
+    pub operations: OperationSet,
+    /// `true`: answer 503 with `Retry-After` until `end`; `false`: answer 410.
+    pub unavailable: bool,
+}
+
+/// A set of legacy operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OperationSet {
+    /// `check`.
+    pub check: bool,
+    /// `reset`.
+    pub reset: bool,
+    /// `revoke_token`.
+    pub revoke_token: bool,
+    /// `revoke_grant`.
+    pub revoke_grant: bool,
+    /// `revoke_all`.
+    pub revoke_all: bool,
+}
+
+impl OperationSet {
+    /// Every legacy operation.
+    pub const ALL: OperationSet = OperationSet {
+        check: true,
+        reset: true,
+        revoke_token: true,
+        revoke_grant: true,
+        revoke_all: true,
+    };
+
+    fn intersects(&self, o: &OperationSet) -> bool {
+        (self.check && o.check)
+            || (self.reset && o.reset)
+            || (self.revoke_token && o.revoke_token)
+            || (self.revoke_grant && o.revoke_grant)
+            || (self.revoke_all && o.revoke_all)
+    }
 }
 
 /// The deprecation metadata sent on responses to legacy calls.
@@ -438,6 +489,7 @@ impl Config {
                 sunset,
             },
             preview_accept: parse_media_type("migration.preview_accept", &m.preview_accept)?,
+            brownouts: parse_brownouts(&m.brownouts)?,
         };
         let admin = AdminConfig {
             listen: parse_socket_addr("admin.listen", &raw.admin.listen)?,
@@ -739,6 +791,109 @@ fn parse_date(key: &'static str, value: &str) -> Result<SystemTime, ConfigError>
     })
 }
 
+/// `[[migration.brownouts]]`: each window valid, and no two overlapping windows that switch off
+/// the same operation with different answers.
+fn parse_brownouts(raw: &[raw::RawBrownout]) -> Result<Vec<Brownout>, ConfigError> {
+    let mut out: Vec<Brownout> = Vec::with_capacity(raw.len());
+    for (i, b) in raw.iter().enumerate() {
+        let time = |key: &'static str, v: &toml::Value| {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Datetime(d) => d.to_string(),
+                other => other.to_string(),
+            };
+            humantime::parse_rfc3339_weak(&text)
+                .ok()
+                .filter(|_| text.len() > 10)
+                .ok_or_else(|| {
+                    invalid(
+                        key,
+                        format!("{} (window {})", other_quoted(v), i + 1),
+                        "an RFC 3339 time such as 2027-03-01T14:00:00Z",
+                    )
+                })
+        };
+        let start = time("migration.brownouts.start", &b.start)?;
+        let end = time("migration.brownouts.end", &b.end)?;
+        if end <= start {
+            return Err(invalid(
+                "migration.brownouts.end",
+                format!("{} (window {})", other_quoted(&b.end), i + 1),
+                "a time after the window's start",
+            ));
+        }
+        let operations = match &b.operations {
+            None => OperationSet::ALL,
+            Some(names) => {
+                let mut set = OperationSet {
+                    check: false,
+                    reset: false,
+                    revoke_token: false,
+                    revoke_grant: false,
+                    revoke_all: false,
+                };
+                for name in names {
+                    let slot = match name.as_str() {
+                        "check" => &mut set.check,
+                        "reset" => &mut set.reset,
+                        "revoke_token" => &mut set.revoke_token,
+                        "revoke_grant" => &mut set.revoke_grant,
+                        "revoke_all" => &mut set.revoke_all,
+                        other => {
+                            return Err(invalid(
+                                "migration.brownouts.operations",
+                                format!("{} (window {})", quoted(other), i + 1),
+                                "\"check\", \"reset\", \"revoke_token\", \"revoke_grant\" or \"revoke_all\"",
+                            ));
+                        }
+                    };
+                    *slot = true;
+                }
+                set
+            }
+        };
+        let unavailable = match b.status {
+            410 => false,
+            503 => true,
+            other => {
+                return Err(invalid(
+                    "migration.brownouts.status",
+                    format!("{other} (window {})", i + 1),
+                    "410 (Gone) or 503 (Service Unavailable, with Retry-After until the end)",
+                ));
+            }
+        };
+        let window = Brownout {
+            start,
+            end,
+            operations,
+            unavailable,
+        };
+        if let Some(j) = out.iter().position(|w| {
+            w.start < window.end
+                && window.start < w.end
+                && w.operations.intersects(&window.operations)
+                && w.unavailable != window.unavailable
+        }) {
+            return Err(invalid(
+                "migration.brownouts",
+                format!("windows {} and {}", j + 1, i + 1),
+                "windows that, where they overlap for the same operation, give the same status",
+            ));
+        }
+        out.push(window);
+    }
+    Ok(out)
+}
+
+/// A TOML value as written: strings quoted, date-times as they are.
+fn other_quoted(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => quoted(s),
+        other => other.to_string(),
+    }
+}
+
 fn parse_link(key: &'static str, value: &str) -> Result<Uri, ConfigError> {
     let uri: Option<Uri> = value.parse().ok();
     match uri {
@@ -934,6 +1089,85 @@ mod tests {
             msg.contains("on or after migration.deprecation_date"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn brownout_windows() {
+        let c = Config::from_toml_str(
+            r#"
+            [[migration.brownouts]]
+            start = 2027-03-01T14:00:00Z
+            end = "2027-03-01T15:00:00Z"
+            [[migration.brownouts]]
+            start = "2027-03-08T14:00:00Z"
+            end = "2027-03-08T20:00:00Z"
+            operations = ["check", "revoke_all"]
+            status = 503
+            [[migration.brownouts]]
+            start = "2027-03-01T14:30:00Z"
+            end = "2027-03-01T16:00:00Z"
+            operations = ["reset"]
+            "#,
+        )
+        .expect("valid");
+        let b = &c.migration.brownouts;
+        assert_eq!(b.len(), 3);
+        assert_eq!(
+            b[0].start,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_803_909_600)
+        );
+        assert_eq!(b[0].operations, OperationSet::ALL);
+        assert!(!b[0].unavailable && b[1].unavailable);
+        assert!(b[1].operations.check && b[1].operations.revoke_all && !b[1].operations.reset);
+        assert!(Config::default().migration.brownouts.is_empty());
+    }
+
+    #[test]
+    fn brownout_errors_name_the_key_the_window_and_the_fix() {
+        let w = |body: &str| format!("[[migration.brownouts]]\n{body}\n");
+        let cases: &[(String, &[&str])] = &[
+            (
+                w("start = \"2027-03-01T15:00:00Z\"\nend = \"2027-03-01T14:00:00Z\""),
+                &[
+                    "migration.brownouts.end",
+                    "window 1",
+                    "after the window's start",
+                ],
+            ),
+            (
+                w("start = \"tomorrow\"\nend = \"2027-03-01T14:00:00Z\""),
+                &["migration.brownouts.start", "\"tomorrow\"", "RFC 3339"],
+            ),
+            (
+                w("start = \"2027-03-01\"\nend = \"2027-03-02\""),
+                &["migration.brownouts.start", "RFC 3339"],
+            ),
+            (
+                w("start = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\nstatus = 404"),
+                &["migration.brownouts.status", "404", "410", "503"],
+            ),
+            (
+                w(
+                    "start = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\noperations = [\"scope_token\"]",
+                ),
+                &[
+                    "migration.brownouts.operations",
+                    "\"scope_token\"",
+                    "revoke_all",
+                ],
+            ),
+            (
+                w("start = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z")
+                    + &w("start = 2027-03-01T14:30:00Z\nend = 2027-03-01T16:00:00Z\nstatus = 503"),
+                &["migration.brownouts", "windows 1 and 2", "same status"],
+            ),
+        ];
+        for (text, wanted) in cases {
+            let msg = err(text);
+            for want in *wanted {
+                assert!(msg.contains(want), "{text}: {msg} lacks {want:?}");
+            }
+        }
     }
 
     #[test]

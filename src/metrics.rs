@@ -55,15 +55,18 @@ pub enum LegacyAction {
     Malformed,
     /// Answered 429 by the failed-check limiter; never forwarded.
     Limited,
+    /// Answered 410 or 503 inside a scheduled brownout window; never forwarded.
+    Brownout,
 }
 
 impl LegacyAction {
-    const ALL: [LegacyAction; 5] = [
+    const ALL: [LegacyAction; 6] = [
         LegacyAction::Rewritten,
         LegacyAction::Observed,
         LegacyAction::Rejected,
         LegacyAction::Malformed,
         LegacyAction::Limited,
+        LegacyAction::Brownout,
     ];
 
     /// The label value.
@@ -74,6 +77,7 @@ impl LegacyAction {
             LegacyAction::Rejected => "rejected",
             LegacyAction::Malformed => "malformed",
             LegacyAction::Limited => "limited",
+            LegacyAction::Brownout => "brownout",
         }
     }
 }
@@ -124,7 +128,7 @@ pub struct MetricsError(#[from] prometheus::Error);
 /// All gateway metrics. Shared behind an `Arc`; every method takes `&self`.
 pub struct Metrics {
     registry: Registry,
-    deprecated_calls: [[IntCounter; 5]; LEGACY_OPERATIONS.len()],
+    deprecated_calls: [[IntCounter; LegacyAction::ALL.len()]; LEGACY_OPERATIONS.len()],
     query_credentials: [IntCounter; 2],
     responses: IntCounterVec,
     response_children: [Box<[OnceLock<IntCounter>]>; 3],

@@ -623,3 +623,58 @@ fn find_promtool() -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+#[tokio::test]
+async fn brownout_windows_switch_legacy_calls_off_on_schedule() {
+    use oauth_apps_gateway::limiter::LimiterClock;
+    let gh = support::FakeGithub::start().await;
+    gh.add_app(CLIENT_ID, support::CLIENT_SECRET);
+    let token = gh.issue_token(CLIENT_ID, "octocat");
+    let config = Config::from_toml_str(&format!(
+        r#"
+        [upstream]
+        url = "{}"
+        [[migration.brownouts]]
+        start = 2027-03-01T14:00:00Z
+        end = 2027-03-01T15:00:00Z
+        status = 503
+        "#,
+        gh.url()
+    ))
+    .unwrap();
+    // Ten minutes before the window.
+    let start = std::time::UNIX_EPOCH + Duration::from_secs(1_803_909_600);
+    let clock = LimiterClock::manual_at(start - Duration::from_secs(600));
+    let gw = Gateway::start_with_clock(config, clock.clone()).await;
+    let url = legacy_url(&gw, &Method::GET, &token);
+    assert_eq!(call_as_app(Method::GET, &url).await.status, 200);
+
+    clock.advance(Duration::from_secs(600 + 1800));
+    let a = call_as_app(Method::GET, &url).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(a.headers["retry-after"], "1800");
+    let msg = a.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("brownout") && msg.contains("POST /applications/"),
+        "{msg}"
+    );
+    assert!(!msg.contains(&token));
+    assert_eq!(gh.request_count(), 1, "nothing forwarded during the window");
+
+    clock.advance(Duration::from_secs(1800));
+    assert_eq!(
+        call_as_app(Method::GET, &url).await.status,
+        200,
+        "the window ended"
+    );
+    let m = scrape(&gw).await;
+    let v = |action: &str| {
+        value(
+            &m,
+            &format!(
+                "oauth_apps_gateway_deprecated_calls_total{{action=\"{action}\",operation=\"check\"}}"
+            ),
+        )
+    };
+    assert_eq!((v("rewritten"), v("brownout")), (2.0, 1.0));
+}

@@ -76,6 +76,7 @@ pub struct RawMigration {
     pub deprecation_date: String,
     pub deprecation_link: String,
     pub sunset_date: Option<String>,
+    pub brownouts: Vec<RawBrownout>,
 }
 
 impl Default for RawMigration {
@@ -91,8 +92,25 @@ impl Default for RawMigration {
                 "https://developer.github.com/changes/2020-02-14-deprecating-oauth-app-endpoint/"
                     .into(),
             sunset_date: None,
+            brownouts: Vec::new(),
         }
     }
+}
+
+/// One `[[migration.brownouts]]` window. `start` and `end` may be TOML date-times or strings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBrownout {
+    pub start: toml::Value,
+    pub end: toml::Value,
+    #[serde(default)]
+    pub operations: Option<Vec<String>>,
+    #[serde(default = "brownout_status")]
+    pub status: u16,
+}
+
+fn brownout_status() -> u16 {
+    410
 }
 
 /// `[migration.operations]`: per-operation mode overrides.

@@ -14,7 +14,7 @@ use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use governor::clock::{Clock, Reference};
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
@@ -23,11 +23,14 @@ use governor::state::StateStore;
 use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
 use governor::{Quota, RateLimiter};
 
-/// The limiter's time source: the monotonic clock, or a manual one that tests advance.
+/// The gateway's time source: the monotonic clock (for quotas) and the wall clock (for
+/// brownout windows), or manual ones that tests advance together.
 #[derive(Debug, Clone)]
 pub struct LimiterClock {
     epoch: Instant,
     manual: Option<Arc<AtomicU64>>,
+    /// The wall-clock time a manual clock starts at.
+    wall_epoch: SystemTime,
 }
 
 impl LimiterClock {
@@ -36,14 +39,29 @@ impl LimiterClock {
         LimiterClock {
             epoch: Instant::now(),
             manual: None,
+            wall_epoch: SystemTime::now(),
         }
     }
 
     /// A clock that stands still until [`LimiterClock::advance`] is called.
     pub fn manual() -> Self {
+        Self::manual_at(SystemTime::now())
+    }
+
+    /// A manual clock whose wall-clock time starts at `wall`.
+    pub fn manual_at(wall: SystemTime) -> Self {
         LimiterClock {
             epoch: Instant::now(),
             manual: Some(Arc::new(AtomicU64::new(0))),
+            wall_epoch: wall,
+        }
+    }
+
+    /// The wall-clock time now: the system's, or a manual clock's start plus its advances.
+    pub fn wall_now(&self) -> SystemTime {
+        match &self.manual {
+            Some(m) => self.wall_epoch + Duration::from_nanos(m.load(Ordering::SeqCst)),
+            None => SystemTime::now(),
         }
     }
 

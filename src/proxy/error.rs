@@ -56,6 +56,19 @@ pub enum ProxyError {
         /// `METHOD /path` of the replacement endpoint, with the client_id (never the token).
         replacement: String,
     },
+    /// A legacy operation inside a scheduled brownout window: 410, or 503 with `Retry-After`
+    /// until the window ends.
+    #[error("legacy {operation} in a scheduled brownout")]
+    Brownout {
+        /// The switched-off operation.
+        operation: Operation,
+        /// `METHOD /path` of the replacement endpoint, with the client_id (never the token).
+        replacement: String,
+        /// When the window ends.
+        until: std::time::SystemTime,
+        /// `Some(seconds until the end, rounded up)` for a 503; `None` for a 410.
+        retry_after_secs: Option<u64>,
+    },
     /// The upstream failed: 502, or 504 for a timeout.
     #[error("upstream {0} failure")]
     Upstream(FailureKind),
@@ -77,6 +90,11 @@ impl From<&ProxyError> for StatusCode {
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Gone { .. } => StatusCode::GONE,
+            ProxyError::Brownout {
+                retry_after_secs: None,
+                ..
+            } => StatusCode::GONE,
+            ProxyError::Brownout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Upstream(FailureKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -136,6 +154,12 @@ impl ProxyError {
             } => format!(
                 "Gone: GitHub removed this endpoint (revoke every token of an application) and it has no replacement. Revoke each token with {replacement} and the token in a JSON body: {{\"access_token\": \"...\"}}."
             ),
+            ProxyError::Brownout {
+                replacement, until, ..
+            } => format!(
+                "This deprecated endpoint is switched off during a scheduled brownout until {}, ahead of its removal. Use {replacement} with the token in a JSON body: {{\"access_token\": \"...\"}}.",
+                httpdate::fmt_http_date(*until)
+            ),
             ProxyError::Gone { replacement, .. } => format!(
                 "Gone: this deprecated endpoint is switched off. Use {replacement} with the token in a JSON body: {{\"access_token\": \"...\"}}."
             ),
@@ -157,7 +181,9 @@ impl ProxyError {
     fn documentation_url(&self) -> &'static str {
         match self {
             ProxyError::MalformedLegacy(_) | ProxyError::MethodCase => OAUTH_APPS_DOCS,
-            ProxyError::Gone { operation, .. } => replacement_docs(*operation),
+            ProxyError::Gone { operation, .. } | ProxyError::Brownout { operation, .. } => {
+                replacement_docs(*operation)
+            }
             _ => REST_DOCS,
         }
     }
@@ -188,6 +214,14 @@ impl ProxyError {
                 header::ALLOW,
                 HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
             );
+        }
+        if let ProxyError::Brownout {
+            retry_after_secs: Some(secs),
+            ..
+        } = &self
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
         }
         if let ProxyError::TooManyFailures(b) = &self {
             // Whole seconds (RFC 9110 §10.2.3). No x-ratelimit-* headers: clients read those

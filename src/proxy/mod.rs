@@ -19,6 +19,7 @@ mod plan;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use http::header::HeaderValue;
 use http::{Request, Response};
@@ -27,9 +28,9 @@ use tokio::time::Instant;
 
 use crate::body::ProxyBody;
 use crate::classify::Operation;
-use crate::config::{Config, Mode, OperationModes};
+use crate::config::{Brownout, Config, Mode, OperationModes};
 use crate::headers::DeprecationHeaders;
-use crate::limiter::FailedChecks;
+use crate::limiter::{FailedChecks, LimiterClock};
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -59,6 +60,8 @@ pub struct ProxySettings {
     /// Exchanges seen through after their client went away, at most at once
     /// (`server.max_detached_exchanges`).
     pub max_detached_exchanges: usize,
+    /// Scheduled brownout windows (`[[migration.brownouts]]`).
+    pub brownouts: Vec<Brownout>,
 }
 
 impl From<&Config> for ProxySettings {
@@ -74,11 +77,27 @@ impl From<&Config> for ProxySettings {
                 .deprecation_headers
                 .then(|| DeprecationHeaders::new(&m.deprecation)),
             max_detached_exchanges: c.server.max_detached_exchanges,
+            brownouts: m.brownouts.clone(),
         }
     }
 }
 
 impl ProxySettings {
+    /// The brownout window that switches `op` off at `now`, if any.
+    pub fn brownout(&self, op: Operation, now: SystemTime) -> Option<&Brownout> {
+        let named = |w: &Brownout| match op {
+            Operation::Check => w.operations.check,
+            Operation::Reset => w.operations.reset,
+            Operation::RevokeToken => w.operations.revoke_token,
+            Operation::RevokeGrant => w.operations.revoke_grant,
+            Operation::RevokeAll => w.operations.revoke_all,
+            Operation::ScopeToken => false,
+        };
+        self.brownouts
+            .iter()
+            .find(|w| w.start <= now && now < w.end && named(w))
+    }
+
     /// The mode of a legacy operation.
     pub fn mode(&self, op: Operation) -> Mode {
         match op {
@@ -105,6 +124,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     limiter: Option<Arc<FailedChecks>>,
     lifecycle: Lifecycle,
+    clock: LimiterClock,
 }
 
 impl fmt::Debug for Proxy {
@@ -117,17 +137,20 @@ impl fmt::Debug for Proxy {
 }
 
 impl Proxy {
-    /// A proxy forwarding to `upstream` with `settings`, recording into `metrics`, and limiting
-    /// failed calls with `limiter` (`None` when `failed_checks.enabled` is false).
+    /// A proxy forwarding to `upstream` with `settings`, recording into `metrics`, limiting
+    /// failed calls with `limiter` (`None` when `failed_checks.enabled` is false), and reading
+    /// the wall-clock time for brownout windows from `clock`.
     pub fn new(
         upstream: Upstream,
         settings: ProxySettings,
         metrics: Arc<Metrics>,
         limiter: Option<Arc<FailedChecks>>,
+        clock: LimiterClock,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 lifecycle: Lifecycle::new(settings.max_detached_exchanges),
+                clock,
                 upstream,
                 settings,
                 metrics,
@@ -147,7 +170,8 @@ impl Proxy {
         let started = std::time::Instant::now();
         let open = inner.lifecycle.open();
         let (parts, body) = req.into_parts();
-        let plan = plan::plan(&parts.method, &parts.uri, &parts.headers, settings);
+        let now = inner.clock.wall_now();
+        let plan = plan::plan(&parts.method, &parts.uri, &parts.headers, settings, now);
         let observe = |call| {
             let method = parts.method.clone();
             Observation::start(inner.metrics.clone(), started, method, call, open)

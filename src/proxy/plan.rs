@@ -4,6 +4,8 @@
 //! and JSON body of a rewritten legacy call, the query without deprecated credentials, and the
 //! `Authorization` value those credentials become. No I/O, clock or logging.
 
+use std::time::SystemTime;
+
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::PathAndQuery;
@@ -78,9 +80,15 @@ pub enum Plan {
 }
 
 /// Decides what to do with a request whose method is `method`, target `uri` and header fields
-/// `headers`. Allocates only the client_id of an OAuth Applications call (it outlives the request
+/// `headers`, at wall-clock time `now` (for brownout windows). Allocates only the client_id of an OAuth Applications call (it outlives the request
 /// head: a call whose client went away is still accounted for) and what a rewrite builds.
-pub fn plan(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &ProxySettings) -> Plan {
+pub fn plan(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    settings: &ProxySettings,
+    now: SystemTime,
+) -> Plan {
     // Every spelling of a call is the call: the path is classified as normalized (RFC 3986
     // §6.2.2), then with empty segments collapsed, and forwarded as it was classified.
     let spelled = spellings(uri.path());
@@ -163,6 +171,32 @@ pub fn plan(method: &Method, uri: &Uri, headers: &HeaderMap, settings: &ProxySet
         },
         query_credentials: (false, false),
     };
+    // Inside a brownout window a legacy operation is answered as in `reject`, whatever its mode.
+    let legacy_op = match (&legacy_mode, &revoke_all) {
+        (Some((c, _)), _) => Some(c.operation),
+        (_, Some(_)) => Some(Operation::RevokeAll),
+        (None, None) => None,
+    };
+    if let Some(op) = legacy_op
+        && let Some(w) = settings.brownout(op, now)
+    {
+        let replacement = match (legacy_mode, revoke_all) {
+            (Some((c, _)), _) => replacement_of(c),
+            (_, Some((_, r))) => r,
+            (None, None) => String::new(),
+        };
+        call.legacy = Some((op, LegacyAction::Brownout));
+        let left = w.end.duration_since(now).unwrap_or_default();
+        let brownout = ProxyError::Brownout {
+            operation: op,
+            replacement,
+            until: w.end,
+            retry_after_secs: w
+                .unavailable
+                .then(|| (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1)),
+        };
+        return Plan::Answer(call, brownout);
+    }
     if let Some((c, Mode::Reject)) = legacy_mode {
         let gone = ProxyError::Gone {
             operation: c.operation,
@@ -296,7 +330,7 @@ mod tests {
             );
         }
         let method: Method = method.parse().unwrap();
-        let (call, what) = match plan(&method, &uri, &headers, s) {
+        let (call, what) = match plan(&method, &uri, &headers, s, SystemTime::UNIX_EPOCH) {
             Plan::Answer(call, e) => (call, http::StatusCode::from(&e).as_str().to_owned()),
             Plan::Forward(call, f) => {
                 let m = f.method.clone().unwrap_or(method.clone());
@@ -609,13 +643,71 @@ mod tests {
     }
 
     #[test]
+    fn inside_a_brownout_window_legacy_operations_are_answered_whatever_their_mode() {
+        use crate::config::{Brownout, OperationSet};
+        let at = |secs| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let mut s = settings(|c| c.migration.modes.check = Mode::Observe);
+        s.brownouts = vec![
+            Brownout {
+                start: at(1000),
+                end: at(2000),
+                operations: OperationSet {
+                    reset: false,
+                    ..OperationSet::ALL
+                },
+                unavailable: false,
+            },
+            Brownout {
+                start: at(3000),
+                end: at(4000),
+                operations: OperationSet::ALL,
+                unavailable: true,
+            },
+        ];
+        let uri: Uri = "/applications/Iv1.a/tokens/gho_t".parse().unwrap();
+        let h = HeaderMap::new();
+        let answer = |m: Method, now| match plan(&m, &uri, &h, &s, at(now)) {
+            Plan::Answer(call, e) => Some((call.legacy.map(|(_, a)| a), e)),
+            Plan::Forward(..) => None,
+        };
+        // Observed outside the windows; answered 410 inside the first (check is named)...
+        assert!(answer(Method::GET, 999).is_none());
+        let Some((action, e)) = answer(Method::GET, 1000) else {
+            panic!("not browned out")
+        };
+        assert_eq!(action, Some(LegacyAction::Brownout));
+        assert_eq!(http::StatusCode::from(&e), 410);
+        // ... but not reset, which the first window leaves out, and not after the end.
+        assert!(answer(Method::POST, 1500).is_none());
+        assert!(answer(Method::GET, 2000).is_none());
+        // The second answers 503 with the seconds left.
+        let Some((_, e)) = answer(Method::DELETE, 3500) else {
+            panic!()
+        };
+        assert_eq!(http::StatusCode::from(&e), 503);
+        assert!(matches!(
+            e,
+            ProxyError::Brownout {
+                retry_after_secs: Some(500),
+                ..
+            }
+        ));
+        // New-form calls and other paths are never browned out.
+        let new_form: Uri = "/applications/Iv1.a/token".parse().unwrap();
+        assert!(matches!(
+            plan(&Method::POST, &new_form, &h, &s, at(3500)),
+            Plan::Forward(..)
+        ));
+    }
+
+    #[test]
     fn a_declared_body_over_the_limit_is_answered_413() {
         let s = settings(|c| c.server.max_request_body_bytes = 10);
         let uri: Uri = "/user".parse().unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("11"));
         assert!(matches!(
-            plan(&Method::POST, &uri, &headers, &s),
+            plan(&Method::POST, &uri, &headers, &s, SystemTime::UNIX_EPOCH),
             Plan::Answer(_, ProxyError::PayloadTooLarge { limit: 10 })
         ));
     }
