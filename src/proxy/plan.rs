@@ -92,11 +92,14 @@ pub fn plan(
     // Every spelling of a call is the call: the path is classified as normalized (RFC 3986
     // §6.2.2), then with empty segments collapsed, and forwarded as it was classified.
     let spelled = spellings(uri.path());
+    let collapsing_changed = spelled.collapsed != spelled.normalized;
     let classified = |method: &Method| match classify(method, &spelled.normalized) {
-        Ok(Route::PassThrough) => match classify(method, &spelled.collapsed) {
-            Ok(Route::PassThrough) => (Ok(Route::PassThrough), &*spelled.normalized),
-            other => (other, &*spelled.collapsed),
-        },
+        Ok(Route::PassThrough) if collapsing_changed => {
+            match classify(method, &spelled.collapsed) {
+                Ok(Route::PassThrough) => (Ok(Route::PassThrough), &*spelled.normalized),
+                other => (other, &*spelled.collapsed),
+            }
+        }
         other => (other, &*spelled.normalized),
     };
     // Methods are case-sensitive (RFC 9110 §9.1): `get` is not GET. On the path of a token
@@ -281,6 +284,9 @@ pub fn plan(
 /// The method a case variant of GET, HEAD, POST, PATCH or DELETE names, such as `Get`.
 fn case_variant(method: &Method) -> Option<Method> {
     let name = method.as_str();
+    if !name.bytes().any(|b| b.is_ascii_lowercase()) {
+        return None; // no allocation for the methods clients send
+    }
     let upper = name.to_ascii_uppercase();
     let standard = ["GET", "HEAD", "POST", "PATCH", "DELETE"].contains(&upper.as_str());
     (standard && upper != name)
