@@ -1,6 +1,7 @@
 //! The admin listener's service: `GET /metrics` (Prometheus text format 0.0.4), `GET /livez`,
 //! `GET /readyz` (503 once draining starts) and `GET /legacy-clients` (the client_ids still
-//! making deprecated calls). Served only on `[admin] listen`, never on the proxy listener, and
+//! making deprecated calls, which library they use and what to upgrade; JSON, or an aligned
+//! table with `?format=text`). Served only on `[admin] listen`, never on the proxy listener, and
 //! never forwards anything.
 
 use std::sync::Arc;
@@ -69,6 +70,11 @@ impl Admin {
             "/livez" => text(StatusCode::OK, "ok\n"),
             "/readyz" if self.readiness.is_ready() => text(StatusCode::OK, "ready\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+            "/legacy-clients" if wants_text(req.uri().query()) => with_type(
+                StatusCode::OK,
+                self.metrics.legacy_clients_text().into(),
+                "text/plain; charset=utf-8",
+            ),
             "/legacy-clients" => with_type(
                 StatusCode::OK,
                 self.metrics.legacy_clients_json().into(),
@@ -77,6 +83,11 @@ impl Admin {
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
+}
+
+/// Whether the query asks for the report as an aligned text table (`format=text`).
+fn wants_text(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|p| p == "format=text"))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -136,6 +147,45 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(&body).unwrap()["clients"],
             serde_json::json!([])
         );
+        a.metrics.deprecated_call(
+            crate::classify::Operation::Check,
+            crate::metrics::LegacyAction::Rewritten,
+            Some("Iv1.a"),
+            Some("octokit.js/16.43.2 Node.js/20.20.2 (Linux 6.18; x64)"),
+            crate::metrics::CallOutcome::TokenFailure,
+        );
+        let (s, ct, body) = get(&a, Method::GET, "/legacy-clients").await;
+        assert_eq!((s.as_u16(), ct.as_str()), (200, "application/json"));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let c = &v["clients"][0];
+        assert_eq!(c["outcomes"]["check"]["token_failure"], 1);
+        assert_eq!(
+            c["user_agents"][0],
+            "octokit.js/16.43.2 Node.js/20.20.2 (Linux 6.18; x64)"
+        );
+        assert_eq!(
+            c["advice"][0]["advice"],
+            "upgrade @octokit/rest (npm) 16.43.2 to 17.0.0 or later"
+        );
+        assert!(
+            c["advice"][0]["source"]
+                .as_str()
+                .unwrap()
+                .contains("npm view")
+        );
+        let (s, ct, body) = get(&a, Method::GET, "/legacy-clients?format=text").await;
+        assert_eq!(
+            (s.as_u16(), ct.as_str()),
+            (200, "text/plain; charset=utf-8")
+        );
+        let lines: Vec<&str> = body.lines().collect();
+        assert_eq!(lines.len(), 2, "{body}");
+        assert!(
+            lines[0].starts_with("client_id  calls  check  reset"),
+            "{body}"
+        );
+        assert!(lines[1].starts_with("Iv1.a      1      1      0"), "{body}");
+        assert!(lines[1].ends_with("upgrade @octokit/rest (npm) 16.43.2 to 17.0.0 or later"));
         assert_eq!(get(&a, Method::GET, "/").await.0, 404);
         assert_eq!(
             get(&a, Method::GET, "/applications/x/tokens/y").await.0,

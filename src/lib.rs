@@ -18,6 +18,8 @@
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful drain.
 //! - [`admin`]: the admin listener's endpoints (metrics, health, legacy-client report).
 //! - [`metrics`]: Prometheus metrics and the legacy-client report (the only prometheus user).
+//! - [`report`]: pure; which known library a user agent names and which release stops the
+//!   legacy calls.
 //! - [`logging`]: tracing subscriber set-up.
 
 #![forbid(unsafe_code)]
@@ -33,6 +35,7 @@ pub mod limiter;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod report;
 pub mod rewrite;
 pub mod server;
 pub mod upstream;

@@ -82,6 +82,48 @@ impl LegacyAction {
     }
 }
 
+/// How a deprecated call ended, for the legacy-client report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// The upstream answered 2xx.
+    Success,
+    /// The upstream answered a token failure (404 or 422 to a token operation).
+    TokenFailure,
+    /// The upstream answered 401.
+    CredentialFailure,
+    /// The gateway answered itself (400, 410, 429, a brownout, 502, 503, 504) or the client left
+    /// before it was forwarded.
+    Gateway,
+    /// Any other answer of the upstream.
+    Other,
+}
+
+impl CallOutcome {
+    const ALL: [CallOutcome; 5] = [
+        CallOutcome::Success,
+        CallOutcome::TokenFailure,
+        CallOutcome::CredentialFailure,
+        CallOutcome::Gateway,
+        CallOutcome::Other,
+    ];
+
+    /// The name in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallOutcome::Success => "success",
+            CallOutcome::TokenFailure => "token_failure",
+            CallOutcome::CredentialFailure => "credential_failure",
+            CallOutcome::Gateway => "gateway",
+            CallOutcome::Other => "other",
+        }
+    }
+}
+
+/// Distinct user agents kept per client_id in the report.
+const MAX_AGENTS: usize = 4;
+/// Longest user agent kept, in bytes (cut at a character boundary).
+const MAX_AGENT_BYTES: usize = 128;
+
 /// How a request ended without its answer reaching the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Interruption {
@@ -387,13 +429,27 @@ impl Metrics {
         })
     }
 
-    /// Counts one deprecated call: by operation and action, and by client_id (bounded).
-    /// `client_id` is `None` for a malformed call whose client_id could not be read.
-    pub fn deprecated_call(&self, op: Operation, action: LegacyAction, client_id: Option<&str>) {
+    /// Counts one deprecated call: by operation and action, and by client_id (bounded), with the
+    /// user agent that made it and how it ended, for the report. `client_id` is `None` for a
+    /// malformed call whose client_id could not be read.
+    pub fn deprecated_call(
+        &self,
+        op: Operation,
+        action: LegacyAction,
+        client_id: Option<&str>,
+        user_agent: Option<&str>,
+        outcome: CallOutcome,
+    ) {
         let Some(i) = op.legacy_index() else { return };
         self.deprecated_calls[i][action as usize].inc();
         if let Some(id) = client_id {
-            self.clients.record(id, i, SystemTime::now());
+            let seen = Seen {
+                op_index: i,
+                user_agent,
+                outcome,
+                now: SystemTime::now(),
+            };
+            self.clients.record(id, &seen);
         }
     }
 
@@ -509,6 +565,11 @@ impl Metrics {
     pub fn legacy_clients_json(&self) -> Vec<u8> {
         self.clients.report_json()
     }
+
+    /// The same report as an aligned text table, for `/legacy-clients?format=text`.
+    pub fn legacy_clients_text(&self) -> String {
+        self.clients.report_text()
+    }
 }
 
 /// Position of a (class, key kind) pair in [`QUOTAS`]; a pair that is no quota (token failures
@@ -552,26 +613,72 @@ struct ClientTable {
 
 struct ClientEntry {
     calls: [u64; LEGACY_OPERATIONS.len()],
+    outcomes: [[u64; CallOutcome::ALL.len()]; LEGACY_OPERATIONS.len()],
+    agents: Vec<Box<str>>,
     first_seen: SystemTime,
     last_seen: SystemTime,
     series: IntCounter,
+}
+
+/// One deprecated call, as the report records it.
+struct Seen<'a> {
+    op_index: usize,
+    user_agent: Option<&'a str>,
+    outcome: CallOutcome,
+    now: SystemTime,
 }
 
 impl ClientEntry {
     fn new(series: IntCounter, now: SystemTime) -> Self {
         ClientEntry {
             calls: [0; LEGACY_OPERATIONS.len()],
+            outcomes: [[0; CallOutcome::ALL.len()]; LEGACY_OPERATIONS.len()],
+            agents: Vec::new(),
             first_seen: now,
             last_seen: now,
             series,
         }
     }
 
-    fn record(&mut self, op_index: usize, now: SystemTime) {
-        self.calls[op_index] += 1;
-        self.last_seen = self.last_seen.max(now);
+    fn record(&mut self, seen: &Seen<'_>) {
+        self.calls[seen.op_index] += 1;
+        self.outcomes[seen.op_index][seen.outcome as usize] += 1;
+        self.last_seen = self.last_seen.max(seen.now);
         self.series.inc();
+        if let Some(ua) = seen.user_agent
+            && self.agents.len() < MAX_AGENTS
+        {
+            let ua = crate::report::shown(ua, MAX_AGENT_BYTES);
+            if !self.agents.iter().any(|a| **a == *ua) {
+                self.agents.push(ua.into());
+            }
+        }
     }
+
+    fn advice(&self) -> Vec<AdviceReport> {
+        let mut out: Vec<AdviceReport> = Vec::new();
+        for a in self
+            .agents
+            .iter()
+            .filter_map(|ua| crate::report::advice(ua))
+        {
+            if !out.iter().any(|o| o.advice == a.text) {
+                out.push(AdviceReport {
+                    library: a.library,
+                    advice: a.text,
+                    source: a.source,
+                });
+            }
+        }
+        out
+    }
+}
+
+#[derive(Serialize)]
+struct AdviceReport {
+    library: &'static str,
+    advice: String,
+    source: &'static str,
 }
 
 #[derive(Serialize)]
@@ -579,6 +686,9 @@ struct ClientReport<'a> {
     client_id: &'a str,
     calls: HashMap<&'static str, u64>,
     total: u64,
+    outcomes: HashMap<&'static str, HashMap<&'static str, u64>>,
+    user_agents: &'a [Box<str>],
+    advice: Vec<AdviceReport>,
     first_seen: String,
     last_seen: String,
 }
@@ -588,6 +698,35 @@ struct Report<'a> {
     max_client_ids: usize,
     clients: Vec<ClientReport<'a>>,
     other: Option<ClientReport<'a>>,
+}
+
+/// One entry of the JSON report.
+fn client_report<'a>(id: &'a str, e: &'a ClientEntry) -> ClientReport<'a> {
+    ClientReport {
+        client_id: id,
+        calls: LEGACY_OPERATIONS
+            .iter()
+            .zip(e.calls)
+            .map(|(op, n)| (op.as_str(), n))
+            .collect(),
+        total: e.calls.iter().sum(),
+        outcomes: LEGACY_OPERATIONS
+            .iter()
+            .zip(&e.outcomes)
+            .map(|(op, counts)| {
+                let by = CallOutcome::ALL
+                    .iter()
+                    .zip(counts)
+                    .map(|(o, n)| (o.as_str(), *n))
+                    .collect();
+                (op.as_str(), by)
+            })
+            .collect(),
+        user_agents: &e.agents,
+        advice: e.advice(),
+        first_seen: humantime::format_rfc3339_seconds(e.first_seen).to_string(),
+        last_seen: humantime::format_rfc3339_seconds(e.last_seen).to_string(),
+    }
 }
 
 impl LegacyClients {
@@ -602,10 +741,11 @@ impl LegacyClients {
         }
     }
 
-    fn record(&self, client_id: &str, op_index: usize, now: SystemTime) {
+    fn record(&self, client_id: &str, seen: &Seen<'_>) {
+        let now = seen.now;
         let mut t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = t.by_id.get_mut(client_id) {
-            e.record(op_index, now);
+            e.record(seen);
             return;
         }
         let admit = t.by_id.len() < self.max
@@ -622,30 +762,69 @@ impl LegacyClients {
                 ClientEntry::new(series.with_label_values(&[OTHER_CLIENT_ID]), now)
             })
         };
-        entry.record(op_index, now);
+        entry.record(seen);
     }
 
     fn report_json(&self) -> Vec<u8> {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = |id, e: &ClientEntry| ClientReport {
-            client_id: id,
-            calls: LEGACY_OPERATIONS
-                .iter()
-                .zip(e.calls)
-                .map(|(op, n)| (op.as_str(), n))
-                .collect(),
-            total: e.calls.iter().sum(),
-            first_seen: humantime::format_rfc3339_seconds(e.first_seen).to_string(),
-            last_seen: humantime::format_rfc3339_seconds(e.last_seen).to_string(),
-        };
-        let mut clients: Vec<_> = t.by_id.iter().map(|(id, e)| entry(id, e)).collect();
+
+        let mut clients: Vec<_> = t.by_id.iter().map(|(id, e)| client_report(id, e)).collect();
         clients.sort_by(|a, b| b.total.cmp(&a.total).then(a.client_id.cmp(b.client_id)));
         let report = Report {
             max_client_ids: self.max,
             clients,
-            other: t.other.as_ref().map(|e| entry(OTHER_CLIENT_ID, e)),
+            other: t.other.as_ref().map(|e| client_report(OTHER_CLIENT_ID, e)),
         };
         serde_json::to_vec_pretty(&report).unwrap_or_default()
+    }
+
+    fn report_text(&self) -> String {
+        let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut entries: Vec<(&str, &ClientEntry)> =
+            t.by_id.iter().map(|(id, e)| (&**id, e)).collect();
+        entries.sort_by(|a, b| {
+            let total = |e: &ClientEntry| e.calls.iter().sum::<u64>();
+            total(b.1).cmp(&total(a.1)).then(a.0.cmp(b.0))
+        });
+        if let Some(other) = &t.other {
+            entries.push((OTHER_CLIENT_ID, other));
+        }
+        let mut header: Vec<String> = vec!["client_id".into(), "calls".into()];
+        header.extend(LEGACY_OPERATIONS.iter().map(|op| op.as_str().to_owned()));
+        header.extend(["last_seen".into(), "user_agent".into(), "advice".into()]);
+        let mut rows = vec![header];
+        for (id, e) in entries {
+            let mut row = vec![
+                crate::report::shown(id, MAX_CLIENT_ID_BYTES),
+                e.calls.iter().sum::<u64>().to_string(),
+            ];
+            row.extend(e.calls.iter().map(u64::to_string));
+            row.push(humantime::format_rfc3339_seconds(e.last_seen).to_string());
+            row.push(e.agents.first().map_or("-".into(), |a| a.to_string()));
+            let advice = e.advice();
+            row.push(match advice.first() {
+                Some(a) => a.advice.clone(),
+                None => "-".into(),
+            });
+            rows.push(row);
+        }
+        let columns = rows.first().map_or(0, Vec::len);
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for row in &rows {
+            let last = row.len().saturating_sub(1);
+            for (c, cell) in row.iter().enumerate() {
+                out.push_str(cell);
+                if c < last {
+                    let pad = widths[c] - cell.chars().count() + 2;
+                    out.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            out.push('\n');
+        }
+        out
     }
 }
 
@@ -666,12 +845,26 @@ mod tests {
     #[test]
     fn counts_show_up_with_their_labels() {
         let m = metrics(10);
-        m.deprecated_call(Operation::Check, LegacyAction::Rewritten, Some("Iv1.a"));
-        m.deprecated_call(Operation::Check, LegacyAction::Rewritten, Some("Iv1.a"));
+        m.deprecated_call(
+            Operation::Check,
+            LegacyAction::Rewritten,
+            Some("Iv1.a"),
+            None,
+            CallOutcome::Success,
+        );
+        m.deprecated_call(
+            Operation::Check,
+            LegacyAction::Rewritten,
+            Some("Iv1.a"),
+            None,
+            CallOutcome::Success,
+        );
         m.deprecated_call(
             Operation::RevokeGrant,
             LegacyAction::Rejected,
             Some("Iv1.b"),
+            None,
+            CallOutcome::Gateway,
         );
         m.response(
             RouteClass::Legacy,
@@ -739,7 +932,13 @@ mod tests {
     fn client_ids_past_the_cap_share_other() {
         let m = metrics(2);
         for id in ["a", "b", "c", "d", "a", &"x".repeat(65), "other"] {
-            m.deprecated_call(Operation::Reset, LegacyAction::Rewritten, Some(id));
+            m.deprecated_call(
+                Operation::Reset,
+                LegacyAction::Rewritten,
+                Some(id),
+                None,
+                CallOutcome::Success,
+            );
         }
         let text = m.encode().unwrap();
         let series = text

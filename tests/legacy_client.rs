@@ -127,6 +127,21 @@ async fn full_run_reuses_the_token_it_reset() {
             assert!(!gh.token_is_valid(CLIENT_ID, &token), "{label}: old token");
             assert!(gh.token_is_valid(CLIENT_ID, new), "{label}: new token");
 
+            // The report names the library and the release that stops the legacy calls.
+            let report = support::get(&format!("{}/legacy-clients", gw.admin_url())).await;
+            let client = &report.json()["clients"][0];
+            assert_eq!(client["client_id"], CLIENT_ID, "{label}");
+            assert_eq!(
+                client["advice"][0]["advice"],
+                format!("upgrade @octokit/rest (npm) {OCTOKIT_VERSION} to 17.0.0 or later"),
+                "{label}: {client}"
+            );
+            assert_eq!(client["outcomes"]["check"]["success"], 1, "{label}");
+            assert_eq!(
+                client["outcomes"]["revoke_grant"]["token_failure"], 2,
+                "{label}"
+            );
+
             let requests = gh.requests();
             assert_eq!(requests.len(), OPERATIONS.len(), "{label}: upstream calls");
             for (req, (name, kind)) in requests.iter().zip(OPERATIONS) {

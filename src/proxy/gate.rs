@@ -102,6 +102,7 @@ mod tests {
             legacy: None,
             client_id: app.then(|| Box::from("Iv1.a")),
             query_credentials: (false, false),
+            user_agent: None,
         }
     }
 

@@ -13,8 +13,12 @@ use http::{Method, StatusCode};
 
 use crate::classify::Operation;
 use crate::limiter::{BlockReason, Blocked, Charge, Charged, Tracked};
-use crate::metrics::{CredentialKind, GaugeGuard, Interruption, LegacyAction, Metrics};
+use crate::limiter::{FailureClass, Settle};
+use crate::metrics::{
+    CallOutcome, CredentialKind, GaugeGuard, Interruption, LegacyAction, Metrics,
+};
 use crate::proxy::exchange::Open;
+use crate::proxy::gate;
 use crate::proxy::plan::Call;
 use crate::upstream::UpstreamError;
 
@@ -191,7 +195,18 @@ impl Observation {
             if self.status_compat {
                 m.status_compat(op);
             }
-            m.deprecated_call(op, action, client_id);
+            let outcome = match self.upstream {
+                Some(UpstreamRecord::Answered(_)) => {
+                    match gate::settle_for(call, StatusCode::from_u16(status).unwrap_or_default()) {
+                        Settle::Accepted => CallOutcome::Success,
+                        Settle::Failure(FailureClass::Token) => CallOutcome::TokenFailure,
+                        Settle::Failure(FailureClass::Credential) => CallOutcome::CredentialFailure,
+                        Settle::Neutral => CallOutcome::Other,
+                    }
+                }
+                _ => CallOutcome::Gateway,
+            };
+            m.deprecated_call(op, action, client_id, call.user_agent.as_deref(), outcome);
         }
         self.record_gate(client_id);
         if let Ok(status) = StatusCode::from_u16(status) {

@@ -35,6 +35,9 @@ pub struct Call {
     pub client_id: Option<Box<str>>,
     /// Deprecated query credentials removed: `(client_secret, access_token)`.
     pub query_credentials: (bool, bool),
+    /// The `User-Agent` of a legacy call (for the report: which library to upgrade); `None`
+    /// for other calls.
+    pub user_agent: Option<Box<str>>,
 }
 
 impl Call {
@@ -121,6 +124,7 @@ pub fn plan(
             },
             client_id: r.as_ref().ok().and_then(Route::client_id).map(Box::from),
             query_credentials: (false, false),
+            user_agent: None,
         };
         return Plan::Answer(call, ProxyError::MethodCase);
     }
@@ -134,6 +138,7 @@ pub fn plan(
                 legacy: Some((e.operation, LegacyAction::Malformed)),
                 client_id: None,
                 query_credentials: (false, false),
+                user_agent: None,
             };
             return Plan::Answer(call, ProxyError::MalformedLegacy(e));
         }
@@ -173,7 +178,11 @@ pub fn plan(
             r => r.client_id().map(Box::from),
         },
         query_credentials: (false, false),
+        user_agent: None,
     };
+    if call.legacy.is_some() {
+        call.user_agent = user_agent(headers);
+    }
     // Inside a brownout window a legacy operation is answered as in `reject`, whatever its mode.
     let legacy_op = match (&legacy_mode, &revoke_all) {
         (Some((c, _)), _) => Some(c.operation),
@@ -279,6 +288,19 @@ pub fn plan(
         },
     };
     Plan::Forward(call, forward)
+}
+
+/// Longest `User-Agent` kept for the report, in bytes.
+const MAX_USER_AGENT_BYTES: usize = 256;
+
+/// The request's `User-Agent`, cut to [`MAX_USER_AGENT_BYTES`] at a character boundary.
+fn user_agent(headers: &HeaderMap) -> Option<Box<str>> {
+    let ua = headers.get(header::USER_AGENT)?.to_str().ok()?;
+    let mut end = ua.len().min(MAX_USER_AGENT_BYTES);
+    while !ua.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(Box::from(&ua[..end]))
 }
 
 /// The method a case variant of GET, HEAD, POST, PATCH or DELETE names, such as `Get`.
