@@ -382,35 +382,34 @@ pub fn spellings(path: &str) -> Spellings<'_> {
 }
 
 /// Decodes `%XX` escapes of unreserved characters (ALPHA, DIGIT, `-`, `.`, `_`, `~`: RFC 3986
-/// §2.3), which mean the same decoded or not; every other escape stays as it is.
+/// §2.3), which mean the same decoded or not; every other escape stays as it is. A `%` that
+/// starts no escape (invalid, RFC 3986 §2.1) becomes `%25`, so decoding never makes an escape
+/// the client did not send (`%%32%65` is not `%2e`).
 fn decode_unreserved(path: &str) -> Cow<'_, str> {
-    let unreserved_at = |i: usize| {
-        let b = path.as_bytes();
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (Some(h), Some(l)) => {
-                let c = (h * 16 + l) as u8;
-                (c.is_ascii_alphanumeric() || b"-._~".contains(&c)).then_some(c as char)
-            }
-            _ => None,
+    let b = path.as_bytes();
+    let hex = |i: usize| b.get(i).and_then(|&c| (c as char).to_digit(16));
+    // What the `%` at `i` is: Some(Some(c)) an unreserved escape, Some(None) a stray `%`.
+    let at = |i: usize| match (hex(i + 1), hex(i + 2)) {
+        (Some(h), Some(l)) => {
+            let c = (h * 16 + l) as u8;
+            (c.is_ascii_alphanumeric() || b"-._~".contains(&c)).then_some(Some(c as char))
         }
+        _ => Some(None),
     };
-    if !path
-        .match_indices('%')
-        .any(|(i, _)| unreserved_at(i).is_some())
-    {
+    if !path.match_indices('%').any(|(i, _)| at(i).is_some()) {
         return Cow::Borrowed(path);
     }
-    let mut out = String::with_capacity(path.len());
+    let mut out = String::with_capacity(path.len() + 4);
     let mut i = 0;
     while i < path.len() {
-        match (path.as_bytes()[i], unreserved_at(i)) {
-            (b'%', Some(c)) => {
+        match (b[i], at(i)) {
+            (b'%', Some(Some(c))) => {
                 out.push(c);
                 i += 3;
+            }
+            (b'%', Some(None)) => {
+                out.push_str("%25");
+                i += 1;
             }
             _ => {
                 let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
@@ -420,6 +419,30 @@ fn decode_unreserved(path: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// The path with every separator some server might see decoded or translated (`%2F`, `%5C`
+/// and `\` as `/`) and `;` parameters cut from each segment; `None` when it has none of them.
+/// A legacy call spelled this way is ambiguous: the gateway answers it 400 rather than guess.
+pub fn with_separators_decoded(path: &str) -> Option<String> {
+    let escaped_separator = path
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && matches!((w[1], w[2] | 0x20), (b'2', b'f') | (b'5', b'c')));
+    if !escaped_separator && !path.contains(['\\', ';']) {
+        return None;
+    }
+    let replaced = path
+        .replace('\\', "/")
+        .replace("%2F", "/")
+        .replace("%2f", "/")
+        .replace("%5C", "/")
+        .replace("%5c", "/");
+    let cut: Vec<&str> = replaced
+        .split('/')
+        .map(|seg| seg.split(';').next().unwrap_or(""))
+        .collect();
+    Some(cut.join("/"))
 }
 
 /// Removes `.` and `..` segments (RFC 3986 §5.2.4); `..` above the root stays at the root.
@@ -578,7 +601,9 @@ mod tests {
                 "/applications/C/tokens/%E2%9C%93",
                 "/applications/C/tokens/%E2%9C%93",
             ),
-            ("/%", "/%", "/%"),
+            // A stray `%` is kept as `%25`: decoding makes no escape the client did not send.
+            ("/%", "/%25", "/%25"),
+            ("/x/%%32%65%%32%65", "/x/%252e%252e", "/x/%252e%252e"),
             ("/", "/", "/"),
             ("", "", ""),
         ];
@@ -594,6 +619,15 @@ mod tests {
             matches!(spellings("/user").collapsed, Cow::Borrowed(_)),
             "no allocation"
         );
+        assert_eq!(
+            with_separators_decoded("/applications/C/tokens%2FT").as_deref(),
+            Some("/applications/C/tokens/T")
+        );
+        assert_eq!(
+            with_separators_decoded("/applications\\C\\tokens;v=1\\T").as_deref(),
+            Some("/applications/C/tokens/T")
+        );
+        assert_eq!(with_separators_decoded("/applications/C/tokens/T"), None);
     }
 
     #[test]

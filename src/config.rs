@@ -802,14 +802,16 @@ fn parse_brownouts(raw: &[raw::RawBrownout]) -> Result<Vec<Brownout>, ConfigErro
                 toml::Value::Datetime(d) => d.to_string(),
                 other => other.to_string(),
             };
+            // UTC only: the parser reads every time as UTC, so an offset or a local time would
+            // silently move the window.
             humantime::parse_rfc3339_weak(&text)
                 .ok()
-                .filter(|_| text.len() > 10)
+                .filter(|_| text.len() > 10 && text.ends_with(['Z', 'z']))
                 .ok_or_else(|| {
                     invalid(
                         key,
                         format!("{} (window {})", other_quoted(v), i + 1),
-                        "an RFC 3339 time such as 2027-03-01T14:00:00Z",
+                        "an RFC 3339 UTC time ending in Z, such as 2027-03-01T14:00:00Z (no offset, no local time)",
                     )
                 })
         };
@@ -1141,6 +1143,22 @@ mod tests {
             (
                 w("start = \"2027-03-01\"\nend = \"2027-03-02\""),
                 &["migration.brownouts.start", "RFC 3339"],
+            ),
+            (
+                w("start = 2027-03-01T14:00:00+02:00\nend = 2027-03-01T18:00:00Z"),
+                &[
+                    "migration.brownouts.start",
+                    "2027-03-01T14:00:00+02:00",
+                    "ending in Z",
+                ],
+            ),
+            (
+                w("start = 2027-03-01T14:00:00.5+02:00\nend = 2027-03-01T18:00:00Z"),
+                &["migration.brownouts.start", "ending in Z"],
+            ),
+            (
+                w("start = 2027-03-01T14:00:00\nend = 2027-03-01T18:00:00Z"),
+                &["migration.brownouts.start", "no local time"],
             ),
             (
                 w("start = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\nstatus = 404"),

@@ -89,6 +89,7 @@ pub fn advice(user_agent: &str) -> Option<Advice> {
             return None;
         }
         let rest = &user_agent[at + lib.agent_prefix.len()..];
+        let rest = rest.strip_prefix('/').unwrap_or(rest);
         let version = rest
             .split(|c: char| c.is_whitespace() || c == '(')
             .next()
@@ -174,8 +175,9 @@ mod tests {
             ),
             (
                 "go-github/v29.0.3",
-                Some("upgrade go-github (Go modules) to v30.0.0 or later"),
+                Some("upgrade go-github (Go modules) v29.0.3 to v30.0.0 or later"),
             ),
+            ("go-github/v50.0.0", None),
             (
                 "github3.py/4.0.1",
                 Some(

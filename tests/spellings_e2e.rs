@@ -217,3 +217,32 @@ async fn observed_revoke_all_is_forwarded_and_its_404_is_no_token_failure() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn ambiguous_separators_are_refused_and_never_forwarded() {
+    let (gh, gw) = gateway(|_| {}).await;
+    let c = CLIENT_ID;
+    for path in [
+        format!("/applications/{c}/tokens%2Fgho_secret"),
+        format!("/applications/{c}%2Ftokens%2Fgho_secret"),
+        format!("/applications/{c}/tokens%5cgho_secret"),
+        format!("/applications/{c}/tokens;v=1/gho_secret"),
+        // A stray `%` never becomes an escape the client did not send.
+        format!("/applications/{c}/tokens/gho_secret/x/%%32%65%%32%65"),
+    ] {
+        let a = support::call_as_app(Method::GET, &format!("{}{path}", gw.url())).await;
+        assert!(a.status == 400 || a.status == 404, "{path}: {}", a.status);
+        for r in gh.requests() {
+            assert!(
+                !r.path_and_query.contains("%2e") && !r.path_and_query.contains("tokens%2F"),
+                "{path} was forwarded as {}",
+                r.path_and_query
+            );
+        }
+    }
+    let refused = gh.request_count();
+    assert!(
+        refused <= 1,
+        "only the stray-% path may pass through ({refused})"
+    );
+}

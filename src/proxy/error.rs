@@ -37,6 +37,10 @@ pub enum ProxyError {
     /// `CONNECT`: the gateway is no tunnel or forward proxy: 405.
     #[error("CONNECT is not supported")]
     MethodNotAllowed,
+    /// A path that is a token operation only once an encoded or other separator (`%2F`, `%5C`,
+    /// `\`) or a `;` parameter is read as some servers read it: 400, never forwarded.
+    #[error("ambiguous path")]
+    AmbiguousPath,
     /// A case variant of a standard method (`get`) on the path of a token operation: 400.
     /// Methods are case-sensitive (RFC 9110 §9.1).
     #[error("method name in the wrong case")]
@@ -86,6 +90,7 @@ impl From<&ProxyError> for StatusCode {
             ProxyError::MalformedLegacy(_)
             | ProxyError::InvalidQueryCredential(_)
             | ProxyError::MethodCase
+            | ProxyError::AmbiguousPath
             | ProxyError::RequestBody => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -122,6 +127,9 @@ impl ProxyError {
                 format!("Request body too large: the gateway accepts at most {limit} bytes.")
             }
             ProxyError::RequestBody => "Bad request: the request body could not be read.".into(),
+            ProxyError::AmbiguousPath => {
+                "Bad request: this path names an OAuth Applications token operation only if an encoded separator (%2F, %5C), a backslash or a ';' parameter is read as some servers read it; send the plain path.".into()
+            }
             ProxyError::MethodCase => {
                 "Bad request: HTTP method names are case-sensitive (RFC 9110 §9.1); use GET, HEAD, POST, PATCH or DELETE in upper case.".into()
             }
@@ -180,7 +188,9 @@ impl ProxyError {
 
     fn documentation_url(&self) -> &'static str {
         match self {
-            ProxyError::MalformedLegacy(_) | ProxyError::MethodCase => OAUTH_APPS_DOCS,
+            ProxyError::MalformedLegacy(_) | ProxyError::MethodCase | ProxyError::AmbiguousPath => {
+                OAUTH_APPS_DOCS
+            }
             ProxyError::Gone { operation, .. } | ProxyError::Brownout { operation, .. } => {
                 replacement_docs(*operation)
             }
@@ -290,6 +300,7 @@ mod tests {
             (ProxyError::InvalidQueryCredential(InvalidCredential), 400),
             (ProxyError::RequestBody, 400),
             (ProxyError::MethodCase, 400),
+            (ProxyError::AmbiguousPath, 400),
             (ProxyError::MethodNotAllowed, 405),
             (ProxyError::PayloadTooLarge { limit: 10 }, 413),
             (

@@ -83,8 +83,23 @@ impl From<&Config> for ProxySettings {
 }
 
 impl ProxySettings {
+    /// The brownout that switches `op` off at `now`, if any: whether it answers 503, and when
+    /// the last window overlapping or touching it ends (so `Retry-After` never points into
+    /// another window).
+    pub fn brownout(&self, op: Operation, now: SystemTime) -> Option<(bool, SystemTime)> {
+        let first = self.brownout_window(op, now)?;
+        let mut end = first.end;
+        while let Some(next) = self.brownout_window(op, end) {
+            if next.end <= end {
+                break;
+            }
+            end = next.end;
+        }
+        Some((first.unavailable, end))
+    }
+
     /// The brownout window that switches `op` off at `now`, if any.
-    pub fn brownout(&self, op: Operation, now: SystemTime) -> Option<&Brownout> {
+    fn brownout_window(&self, op: Operation, now: SystemTime) -> Option<&Brownout> {
         let named = |w: &Brownout| match op {
             Operation::Check => w.operations.check,
             Operation::Reset => w.operations.reset,

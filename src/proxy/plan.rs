@@ -13,7 +13,7 @@ use http::{Method, Uri};
 
 use crate::classify::{
     ClassifyError, LegacyCall, Malformed, Operation, Route, RouteClass, app_client_id, classify,
-    spellings,
+    spellings, with_separators_decoded,
 };
 use crate::config::Mode;
 use crate::metrics::LegacyAction;
@@ -129,6 +129,36 @@ pub fn plan(
         return Plan::Answer(call, ProxyError::MethodCase);
     }
     let (route, canonical) = classified(method);
+    // A path that is a token operation once `%2F`, `%5C` or `\` is read as `/` or `;`
+    // parameters are cut, as some servers do, is ambiguous: refused, never forwarded or guessed.
+    if let Ok(Route::PassThrough) = route
+        && spelled.normalized.contains("applications")
+        && let Some(alt) = with_separators_decoded(&spelled.normalized)
+    {
+        let alt = spellings(&alt);
+        let alt_route = match classify(method, &alt.normalized) {
+            Ok(Route::PassThrough) => classify(method, &alt.collapsed),
+            other => other,
+        };
+        if !matches!(alt_route, Ok(Route::PassThrough)) {
+            let (class, operation) = match &alt_route {
+                Ok(r) => (r.class(), r.operation()),
+                Err(e) => (RouteClass::Legacy, Some(e.operation)),
+            };
+            let call = Call {
+                class,
+                operation,
+                legacy: match (class, operation) {
+                    (RouteClass::Legacy, Some(op)) => Some((op, LegacyAction::Malformed)),
+                    _ => None,
+                },
+                client_id: None,
+                query_credentials: (false, false),
+                user_agent: None,
+            };
+            return Plan::Answer(call, ProxyError::AmbiguousPath);
+        }
+    }
     let route = match route {
         Ok(route) => route,
         Err(e) => {
@@ -190,7 +220,7 @@ pub fn plan(
         (None, None) => None,
     };
     if let Some(op) = legacy_op
-        && let Some(w) = settings.brownout(op, now)
+        && let Some((unavailable, until)) = settings.brownout(op, now)
     {
         let replacement = match (legacy_mode, revoke_all) {
             (Some((c, _)), _) => replacement_of(c),
@@ -198,13 +228,12 @@ pub fn plan(
             (None, None) => String::new(),
         };
         call.legacy = Some((op, LegacyAction::Brownout));
-        let left = w.end.duration_since(now).unwrap_or_default();
+        let left = until.duration_since(now).unwrap_or_default();
         let brownout = ProxyError::Brownout {
             operation: op,
             replacement,
-            until: w.end,
-            retry_after_secs: w
-                .unavailable
+            until,
+            retry_after_secs: unavailable
                 .then(|| (left.as_secs() + u64::from(left.subsec_nanos() > 0)).max(1)),
         };
         return Plan::Answer(call, brownout);
@@ -642,6 +671,49 @@ mod tests {
                 false,
                 "DELETE /api/applications/C/grants/T | pass_through | - | -",
             ),
+            // Encoded or other separators that some server might read: refused, not guessed.
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a/tokens%2Fgho_t",
+                true,
+                "400 | legacy | malformed | -",
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a%2ftokens%2Fgho_t",
+                true,
+                "400 | legacy | malformed | -",
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications\\Iv1.a\\tokens\\gho_t",
+                true,
+                "400 | legacy | malformed | -",
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/applications/Iv1.a/tokens;v=1/gho_t",
+                true,
+                "400 | legacy | malformed | -",
+            ),
+            (
+                &rewrite,
+                "POST",
+                "/applications/Iv1.a/token;x",
+                true,
+                "400 | token_api | - | -",
+            ),
+            (
+                &rewrite,
+                "GET",
+                "/repos/o/r/contents/a%2Fb",
+                false,
+                "GET /repos/o/r/contents/a%2Fb | pass_through | - | -",
+            ),
             // Revoke-all (removed by GitHub, no replacement): 410 unless observed.
             (
                 &rewrite,
@@ -691,6 +763,13 @@ mod tests {
                 operations: OperationSet::ALL,
                 unavailable: true,
             },
+            // Touches the second: Retry-After points past both.
+            Brownout {
+                start: at(4000),
+                end: at(4500),
+                operations: OperationSet::ALL,
+                unavailable: true,
+            },
         ];
         let uri: Uri = "/applications/Iv1.a/tokens/gho_t".parse().unwrap();
         let h = HeaderMap::new();
@@ -716,7 +795,7 @@ mod tests {
         assert!(matches!(
             e,
             ProxyError::Brownout {
-                retry_after_secs: Some(500),
+                retry_after_secs: Some(1000),
                 ..
             }
         ));
