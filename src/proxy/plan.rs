@@ -111,21 +111,7 @@ pub fn plan(
         && let (r, _) = classified(&upper)
         && !matches!(r, Ok(Route::PassThrough))
     {
-        let (class, operation) = match &r {
-            Ok(r) => (r.class(), r.operation()),
-            Err(e) => (RouteClass::Legacy, Some(e.operation)),
-        };
-        let call = Call {
-            class,
-            operation,
-            legacy: match (class, operation) {
-                (RouteClass::Legacy, Some(op)) => Some((op, LegacyAction::Malformed)),
-                _ => None,
-            },
-            client_id: r.as_ref().ok().and_then(Route::client_id).map(Box::from),
-            query_credentials: (false, false),
-            user_agent: None,
-        };
+        let call = refused(&r, true);
         return Plan::Answer(call, ProxyError::MethodCase);
     }
     let (route, canonical) = classified(method);
@@ -141,21 +127,8 @@ pub fn plan(
             other => other,
         };
         if !matches!(alt_route, Ok(Route::PassThrough)) {
-            let (class, operation) = match &alt_route {
-                Ok(r) => (r.class(), r.operation()),
-                Err(e) => (RouteClass::Legacy, Some(e.operation)),
-            };
-            let call = Call {
-                class,
-                operation,
-                legacy: match (class, operation) {
-                    (RouteClass::Legacy, Some(op)) => Some((op, LegacyAction::Malformed)),
-                    _ => None,
-                },
-                client_id: None,
-                query_credentials: (false, false),
-                user_agent: None,
-            };
+            // The client_id read through a guessed separator is no fact to record.
+            let call = refused(&alt_route, false);
             return Plan::Answer(call, ProxyError::AmbiguousPath);
         }
     }
@@ -317,6 +290,32 @@ pub fn plan(
         },
     };
     Plan::Forward(call, forward)
+}
+
+/// The facts of a call refused by the gateway for how it is spelled (a method in the wrong case,
+/// an ambiguous separator): counted as malformed when legacy; its client_id only when
+/// `with_client_id`.
+fn refused(route: &Result<Route<'_>, ClassifyError>, with_client_id: bool) -> Call {
+    let (class, operation) = match route {
+        Ok(r) => (r.class(), r.operation()),
+        Err(e) => (RouteClass::Legacy, Some(e.operation)),
+    };
+    Call {
+        class,
+        operation,
+        legacy: match (class, operation) {
+            (RouteClass::Legacy, Some(op)) => Some((op, LegacyAction::Malformed)),
+            _ => None,
+        },
+        client_id: route
+            .as_ref()
+            .ok()
+            .filter(|_| with_client_id)
+            .and_then(Route::client_id)
+            .map(Box::from),
+        query_credentials: (false, false),
+        user_agent: None,
+    }
 }
 
 /// Longest `User-Agent` kept for the report, in bytes.
