@@ -8,7 +8,7 @@
 # Knobs (environment): DURATION=10 (seconds per run), WARMUP=2 (seconds, unmeasured, per
 # workload), THREADS=1, CONNECTIONS=32 (wrk), REPEATS=2 (runs per workload), INFO_RUNS=1
 # (also run the rewritten check with the gateway at log level "info"; 0 skips it),
-# GATEWAY_WORKERS= (sets TOKIO_WORKER_THREADS for the gateway; unset: tokio's default, one per core),
+# GATEWAY_WORKERS= (sets server.worker_threads for the gateway; unset: its default, one per core),
 # STRICT=0 (1: exit 3 when the CPU or RSS goal is not met), KEEP_TMP=0 (1: keep the temp dir),
 # DISTURBED=10 (a run where more than this % of the machine went to other jobs is flagged "!" and
 # left out of the means when an unflagged run of the same workload exists).
@@ -39,10 +39,6 @@ source "$ROOT/bench/lib.sh"
 # ---------------------------------------------------------------------------------------------
 # Prerequisites: every tool and the Debian package that provides it.
 
-need() { # command package
-    command -v "$1" >/dev/null 2>&1 ||
-        die "'$1' not found: install it with 'apt-get update && apt-get install -y $2'"
-}
 command -v cargo >/dev/null 2>&1 ||
     die "'cargo' not found: install the Rust toolchain (rustup; Debian's 'cargo' package is too old for edition 2024)"
 need nginx nginx
@@ -66,33 +62,10 @@ TMP=$(mktemp -d /tmp/compare-nginx.XXXXXX)
 PIDS=() # started processes, stopped in reverse order
 WRK_PID=
 
-# Signals a process and its descendants, children first, by pid.
-kill_tree() { # signal pid
-    local child
-    for child in $(ps -o pid= --ppid "$2" 2>/dev/null); do kill_tree "$1" "$child"; done
-    kill "-$1" "$2" 2>/dev/null || true
-}
-
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    if [[ -n $WRK_PID ]]; then
-        kill_tree TERM "$WRK_PID"
-        wait "$WRK_PID" 2>/dev/null || true
-    fi
-    local i pid
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        pid=${PIDS[i]}
-        kill -0 "$pid" 2>/dev/null || continue
-        kill -TERM "$pid" 2>/dev/null || true
-        # Give it up to 5 s (the gateway drains, nginx stops its workers), then SIGKILL.
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_started # lib.sh: the wrk run in flight, then PIDS in reverse order
     if [[ $KEEP_TMP == 1 ]]; then
         echo "temp dir kept: $TMP" >&2
     else
@@ -107,35 +80,7 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-# "utime stime" of one process (all its threads), in clock ticks.
-cpu_ticks_of() {
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || die "process $1 is gone"
-    # Fields after "pid (comm) ": state is $1, utime is $12, stime is $13.
-    awk '{print $12, $13}' <<<"${stat##*) }"
-}
-
-# "utime stime" summed over several pids, in clock ticks.
-cpu_ticks() {
-    local u=0 s=0 pid pu ps
-    for pid in "$@"; do
-        read -r pu ps < <(cpu_ticks_of "$pid")
-        [[ -n $pu && -n $ps ]] || die "cannot read the CPU time of process $pid"
-        u=$((u + pu))
-        s=$((s + ps))
-    done
-    echo "$u $s"
-}
-
-# VmRSS or VmHWM of one process, in KiB.
-mem_kib() { # pid field
-    awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"
-}
-
-# Busy and total jiffies of the whole machine (all cores), from /proc/stat.
-machine_jiffies() {
-    awk '$1 == "cpu" {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat
-}
+# cpu_ticks, mem_kib, machine_jiffies: lib.sh.
 
 nginx_pids() { # master, then its workers
     echo "$NGINX_PID"
@@ -217,6 +162,7 @@ start_gateway() { # log level
 # Written by bench/compare-nginx.sh. Everything not set here takes its default.
 [server]
 listen = "127.0.0.1:$GATEWAY_PORT"
+${GATEWAY_WORKERS:+worker_threads = $GATEWAY_WORKERS}
 
 [upstream]
 url = "http://127.0.0.1:$FAKE_PORT"
@@ -228,9 +174,8 @@ listen = "127.0.0.1:$ADMIN_PORT"
 level = "$level"
 EOF
     "$GATEWAY_BIN" --config "$conf" --check-config >/dev/null || die "gateway rejected $conf"
-    # RUST_LOG would override log.level. TOKIO_WORKER_THREADS (default: one per core) only when
-    # GATEWAY_WORKERS is set.
-    env -u RUST_LOG ${GATEWAY_WORKERS:+TOKIO_WORKER_THREADS=$GATEWAY_WORKERS} \
+    # RUST_LOG would override log.level.
+    env -u RUST_LOG \
         "$GATEWAY_BIN" --config "$conf" >"$TMP/gateway-$level.log" 2>&1 &
     GATEWAY_PID=$!
     PIDS+=("$GATEWAY_PID")
@@ -421,7 +366,7 @@ run_wrk() { # workload-spec seconds measure run-label
 echo "== fake GitHub on 127.0.0.1:$FAKE_PORT, gateway on 127.0.0.1:$GATEWAY_PORT" \
     "(pid $GATEWAY_PID, admin $ADMIN_PORT), nginx on 127.0.0.1:$NGINX_PORT (master pid $NGINX_PID," \
     "workers $(ps -o pid= --ppid "$NGINX_PID" | tr -d ' ' | paste -sd, -))"
-echo "== gateway tokio worker threads: ${GATEWAY_WORKERS:-default (one per core)}; nginx worker_processes 1"
+echo "== gateway server.worker_threads: ${GATEWAY_WORKERS:-default (one per core)}; nginx worker_processes 1"
 echo "== wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $REPEATS measured run(s) per workload," \
     "interleaved; before each: a fresh fake and ${WARMUP}s of unmeasured warm-up"
 # One measured run: a fresh fake, an unmeasured warm-up (opens the keep-alive pools), the run.

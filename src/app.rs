@@ -18,6 +18,7 @@ use crate::metrics::{Metrics, MetricsError, Registry};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{self, DrainOutcome, ServeOptions};
 use crate::upstream::{self, Upstream, UpstreamBuildError};
+use crate::workers::{self, Workers};
 
 /// How often the failed-check limiter drops recovered keys and reports its size, in seconds.
 const LIMITER_HOUSEKEEPING: Duration = Duration::from_secs(10);
@@ -42,6 +43,9 @@ pub enum AppError {
     /// The failed-check limiter found no randomness for its hashing key.
     #[error(transparent)]
     Limiter(#[from] NoRandomness),
+    /// The worker threads could not be started.
+    #[error("cannot start the worker threads (`server.worker_threads`): {0}")]
+    Workers(#[source] io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} (`{key}`): {source}")]
     Bind {
@@ -117,7 +121,18 @@ pub async fn run_with_clock(
     clock: LimiterClock,
 ) -> Result<DrainOutcome, AppError> {
     upstream::install_crypto_provider();
-    let upstream = Upstream::new(&config.upstream)?;
+    let workers = config
+        .server
+        .worker_threads
+        .unwrap_or_else(workers::default_count);
+    // Each worker has its own pool; together they keep the configured number of idle
+    // connections.
+    let mut per_worker = config.upstream.clone();
+    per_worker.pool_max_idle_per_host = config.upstream.pool_max_idle_per_host.div_ceil(workers);
+    let upstreams = (0..workers)
+        .map(|_| Upstream::new(&per_worker))
+        .collect::<Result<Vec<_>, _>>()?;
+    let workers = Workers::start(workers).map_err(AppError::Workers)?;
     let metrics = Arc::new(Metrics::new(
         Registry::new(),
         config.metrics.max_client_ids,
@@ -140,14 +155,21 @@ pub async fn run_with_clock(
             }
         }))
     });
+    let mut upstreams = upstreams.into_iter();
+    let first = upstreams
+        .next()
+        .ok_or(AppError::Workers(io::ErrorKind::InvalidInput.into()))?;
     let proxy = Proxy::new(
-        upstream,
+        first,
         ProxySettings::from(&config),
         metrics.clone(),
         limiter,
         clock,
     );
     let drained = proxy.clone();
+    let proxies: Arc<[Proxy]> = std::iter::once(proxy.clone())
+        .chain(upstreams.map(|u| proxy.with_upstream(u)))
+        .collect();
 
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let admin_addr = addr(&listeners.admin);
@@ -157,22 +179,27 @@ pub async fn run_with_clock(
         shutdown_grace: ADMIN_GRACE,
     };
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_make_service = move |_peer: SocketAddr| {
+    let admin_make_service = move |_peer: SocketAddr, _worker: usize| {
         let admin = admin.clone();
         hyper::service::service_fn(move |req| {
             let resp = admin.handle(&req);
             async move { Ok::<_, Infallible>(resp) }
         })
     };
-    let admin_task = tokio::spawn(server::serve(
-        listeners.admin,
-        admin_make_service,
-        admin_opts,
-        async {
-            let _ = admin_stopped.await;
-        },
-        || {},
-    ));
+    // The admin listener is served on worker 0 alone.
+    let admin_task = tokio::spawn(async move {
+        server::serve(
+            listeners.admin,
+            admin_make_service,
+            admin_opts,
+            &Workers::local(),
+            async {
+                let _ = admin_stopped.await;
+            },
+            || {},
+        )
+        .await
+    });
 
     let opts = ServeOptions {
         header_read_timeout: config.server.header_read_timeout,
@@ -190,8 +217,8 @@ pub async fn run_with_clock(
         version = env!("CARGO_PKG_VERSION"),
         "oauth-apps-gateway serving"
     );
-    let make_service = move |peer: SocketAddr| {
-        let proxy = proxy.clone();
+    let make_service = move |peer: SocketAddr, worker: usize| {
+        let proxy = proxies[worker].clone();
         let connection = metrics.connection_opened();
         hyper::service::service_fn(move |req| {
             // The service lives as long as the connection; so does the gauge guard.
@@ -206,9 +233,14 @@ pub async fn run_with_clock(
         readiness.set_draining();
         let _ = drain_started.set(tokio::time::Instant::now());
     };
-    let outcome = server::serve(listeners.proxy, make_service, opts, drain_signal, || {
-        cut_off(&drained)
-    })
+    let outcome = server::serve(
+        listeners.proxy,
+        make_service,
+        opts,
+        &workers,
+        drain_signal,
+        || cut_off(&drained),
+    )
     .await;
     let outcome = settle_open_requests(
         &drained,
@@ -219,6 +251,7 @@ pub async fn run_with_clock(
     .await;
     let _ = stop_admin.send(());
     let _ = admin_task.await;
+    workers.stop().await;
     Ok(outcome)
 }
 

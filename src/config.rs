@@ -54,6 +54,10 @@ pub struct ServerConfig {
     /// client went away, at most at once (`server.max_detached_exchanges`). Past it, such a call
     /// is dropped at once and charged as a failure of each quota it was held to.
     pub max_detached_exchanges: usize,
+    /// Worker threads serving client connections (`server.worker_threads`), each a
+    /// single-threaded runtime with its own upstream pool; `None`: one per CPU the process may
+    /// run on. From 1 to 1024.
+    pub worker_threads: Option<usize>,
 }
 
 /// `[upstream]`: where calls are forwarded.
@@ -66,7 +70,9 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// Longest wait for a TCP connection to the upstream (`upstream.connect_timeout`).
     pub connect_timeout: Duration,
-    /// Idle keep-alive connections kept per upstream host (`upstream.pool_max_idle_per_host`).
+    /// Idle keep-alive connections kept to the upstream, in all, shared out between the
+    /// worker threads (`upstream.pool_max_idle_per_host`). Below the number of requests in
+    /// flight at once, the pool closes and reopens connections under load.
     pub pool_max_idle_per_host: usize,
 }
 
@@ -422,6 +428,18 @@ impl Config {
                 raw.server.max_detached_exchanges,
                 MAX_DETACHED_EXCHANGES_LIMIT,
             )?,
+            worker_threads: match raw.server.worker_threads {
+                Some(n) if n == 0 || n > MAX_WORKER_THREADS => {
+                    return Err(invalid(
+                        "server.worker_threads",
+                        n.to_string(),
+                        format!(
+                            "a number from 1 to {MAX_WORKER_THREADS}, or the key left out (one per CPU)"
+                        ),
+                    ));
+                }
+                n => n,
+            },
         };
         let upstream = UpstreamConfig {
             url: parse_upstream_url(&raw.upstream.url)?,
@@ -714,6 +732,9 @@ fn parse_duration(key: &'static str, value: &str, zero_ok: bool) -> Result<Durat
 /// up to `server.request_timeout`.
 const MAX_DETACHED_EXCHANGES_LIMIT: usize = 100_000;
 
+/// Largest `server.worker_threads`.
+const MAX_WORKER_THREADS: usize = 1024;
+
 /// Upper bound of `metrics.max_client_ids`: each tracked id costs a series and a report entry.
 const MAX_CLIENT_IDS_LIMIT: usize = 100_000;
 
@@ -976,7 +997,8 @@ mod tests {
         assert_eq!(c.upstream.url, "https://api.github.com");
         assert!(c.upstream.ca_file.is_none());
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
-        assert_eq!(c.upstream.pool_max_idle_per_host, 32);
+        assert_eq!(c.upstream.pool_max_idle_per_host, 256);
+        assert_eq!(c.server.worker_threads, None);
         assert_eq!(
             c.migration.preview_accept.unwrap(),
             "application/vnd.github.doctor-strange-preview+json"
@@ -1234,6 +1256,14 @@ mod tests {
             (
                 "[server]\nheader_read_timeout = \"0s\"",
                 &["server.header_read_timeout", "\"0s\"", "greater than zero"],
+            ),
+            (
+                "[server]\nworker_threads = 0",
+                &["server.worker_threads", "0", "from 1 to 1024"],
+            ),
+            (
+                "[server]\nworker_threads = 5000",
+                &["server.worker_threads", "5000", "from 1 to 1024"],
             ),
             (
                 "[server]\nmax_request_body_bytes = 0",

@@ -77,6 +77,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop fields: the fixed set of RFC 9110 §7.6.1 (with `Upgrade`) and every field
 /// named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (comparisons, no hashing) instead of a
+    // lookup per hop-by-hop name. A field named in `Connection` needs `Connection` present.
+    if !headers
+        .keys()
+        .any(|k| k == header::UPGRADE || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     // Names listed in Connection; collected only when one is not already in the fixed set
     // (most clients send just "keep-alive" or "close").
     let mut named: Vec<HeaderName> = Vec::new();

@@ -16,6 +16,7 @@
 //! - [`upstream`]: the pooled HTTPS client to the upstream and its failure kinds.
 //! - [`body`]: response body types (deadline-bounded upstream body).
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful drain.
+//! - [`workers`]: one single-threaded runtime per worker thread; connections handed out.
 //! - [`admin`]: the admin listener's endpoints (metrics, health, legacy-client report).
 //! - [`metrics`]: Prometheus metrics and the legacy-client report (the only prometheus user).
 //! - [`report`]: pure; which known library a user agent names and which release stops the
@@ -39,3 +40,4 @@ pub mod report;
 pub mod rewrite;
 pub mod server;
 pub mod upstream;
+pub mod workers;

@@ -43,7 +43,9 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Worker 0: this thread's single-threaded runtime, which also accepts connections and
+    // serves the admin listener; `app::run` starts the other workers.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -67,7 +69,7 @@ fn main() -> ExitCode {
                 app::AppError::Upstream(_)
                 | app::AppError::Metrics(_)
                 | app::AppError::Limiter(_) => ExitCode::from(2),
-                app::AppError::Bind { .. } => ExitCode::FAILURE,
+                app::AppError::Bind { .. } | app::AppError::Workers(_) => ExitCode::FAILURE,
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The accept loop for any hyper service: HTTP/1.1 and HTTP/2 (cleartext h2 by prior knowledge
 //! too) with hyper-util's auto builder, a header read timeout, and a graceful drain bounded by a
 //! grace period. It owns connections, not requests: what a request means is the service's job.
+//! Each accepted connection is handed to a worker ([`Workers`]) and served there.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,7 +16,9 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::workers::Workers;
 
 /// How long connections get to write what the cut-off at the end of the grace period answered,
 /// in seconds.
@@ -35,6 +38,14 @@ pub struct ServeOptions {
     pub shutdown_grace: Duration,
 }
 
+/// A new connection on its way to its worker.
+enum Handoff {
+    /// Served on the runtime that accepted it.
+    Local(TcpStream),
+    /// Registered with no runtime; joins the worker's.
+    Moved(std::net::TcpStream),
+}
+
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainOutcome {
@@ -48,16 +59,19 @@ pub enum DrainOutcome {
 /// in-flight requests finish within `opts.shutdown_grace`, and reports how the drain ended.
 /// When the grace period ends first, `cut_off` runs (the service is to answer what is still in
 /// flight at once) and connections get one more second to write those answers.
-/// `make_service` is called once per connection with the peer address.
+/// Each connection is served on the worker of `workers` with the fewest open connections;
+/// `make_service` is called once per connection with the peer address and that worker's index.
+/// Must run on worker 0's runtime.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     make_service: M,
     opts: ServeOptions,
+    workers: &Workers,
     shutdown: impl Future<Output = ()>,
     cut_off: impl FnOnce(),
 ) -> DrainOutcome
 where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr, usize) -> S,
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
@@ -89,11 +103,36 @@ where
         };
         // Small request/response messages: send them without Nagle delay.
         let _ = stream.set_nodelay(true);
-        let service = make_service(peer);
+        let worker = workers.assign();
+        let service = make_service(peer, worker.index);
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let first_byte_timeout = opts.header_read_timeout;
-        tokio::spawn(async move {
+        let index = worker.index;
+        // Off worker 0 the socket moves to the worker's own reactor: out of this one here,
+        // into that one on the worker's thread.
+        let stream = match index {
+            0 => Handoff::Local(stream),
+            _ => match stream.into_std() {
+                Ok(std) => Handoff::Moved(std),
+                Err(e) => {
+                    tracing::debug!(error = %e, "connection could not be handed to a worker");
+                    continue;
+                }
+            },
+        };
+        workers.spawn(index, async move {
+            let _worker = worker;
+            let stream = match stream {
+                Handoff::Local(stream) => stream,
+                Handoff::Moved(std) => match TcpStream::from_std(std) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection could not join its worker");
+                        return;
+                    }
+                },
+            };
             // hyper's header timer starts at the first byte; a client that sends nothing at
             // all is held to the same limit here.
             let mut probe = [0u8; 1];

@@ -277,6 +277,32 @@ async fn graceful_shutdown_finishes_the_in_flight_request() {
 }
 
 #[tokio::test]
+async fn a_drain_waits_for_the_requests_of_every_worker() {
+    let (_gh, mut gw) = setup_with(|c| {
+        c.server.worker_threads = Some(3);
+        c.server.shutdown_grace = Duration::from_secs(20);
+    })
+    .await;
+    // Six streams on six connections: two on each worker (the least-loaded one gets the next).
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let url = format!("{}/stream?chunks=4&size=1000&delay_ms=150", gw.url());
+        streams.push(open_stream(&url).await);
+    }
+    let outcome = gw.begin_shutdown().unwrap();
+    for resp in streams {
+        assert_eq!(resp.status(), 200);
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .expect("in-flight body completes");
+        assert_eq!(body.to_bytes().len(), 4000);
+    }
+    assert_eq!(outcome.await.unwrap(), DrainOutcome::Completed);
+}
+
+#[tokio::test]
 async fn drain_reports_a_grace_period_that_ran_out() {
     let (_gh, mut gw) = setup_with(|c| c.server.shutdown_grace = Duration::from_millis(200)).await;
     let resp = open_stream(&format!("{}/slow-body", gw.url())).await;
@@ -389,7 +415,10 @@ async fn upstream_dropping_second_request()
 async fn a_reset_that_was_sent_is_never_retried() {
     use std::sync::atomic::Ordering;
     let (url, seen) = upstream_dropping_second_request().await;
-    let gw = Gateway::start(config_for(&url)).await;
+    let mut config = config_for(&url);
+    // One worker, one upstream pool: the second call must find the first one's connection.
+    config.server.worker_threads = Some(1);
+    let gw = Gateway::start(config).await;
     let base = format!("{}/applications/{CLIENT_ID}/tokens", gw.url());
     // The first call leaves a pooled keep-alive connection; the reset goes out on it and the
     // upstream hangs up after reading it.

@@ -28,6 +28,7 @@ pub struct RawServer {
     pub max_request_body_bytes: u64,
     pub shutdown_grace: String,
     pub max_detached_exchanges: usize,
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for RawServer {
@@ -39,6 +40,7 @@ impl Default for RawServer {
             max_request_body_bytes: 10 * 1024 * 1024,
             shutdown_grace: "30s".into(),
             max_detached_exchanges: 1000,
+            worker_threads: None,
         }
     }
 }
@@ -59,7 +61,7 @@ impl Default for RawUpstream {
             url: "https://api.github.com".into(),
             ca_file: None,
             connect_timeout: "5s".into(),
-            pool_max_idle_per_host: 32,
+            pool_max_idle_per_host: 256,
         }
     }
 }

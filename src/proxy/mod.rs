@@ -14,7 +14,7 @@ mod error;
 mod exchange;
 mod gate;
 mod observe;
-mod plan;
+pub mod plan;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -170,6 +170,22 @@ impl Proxy {
                 settings,
                 metrics,
                 limiter,
+            }),
+        }
+    }
+
+    /// The same proxy (settings, metrics, limiter, drain bookkeeping: all shared) forwarding
+    /// through `upstream`: each worker thread has its own upstream pool.
+    pub fn with_upstream(&self, upstream: Upstream) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                upstream,
+                settings: inner.settings.clone(),
+                metrics: inner.metrics.clone(),
+                limiter: inner.limiter.clone(),
+                lifecycle: inner.lifecycle.clone(),
+                clock: inner.clock.clone(),
             }),
         }
     }
