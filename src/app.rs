@@ -174,10 +174,7 @@ pub async fn run_with_clock(
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let admin_addr = addr(&listeners.admin);
     let admin = Admin::new(metrics.clone(), readiness.clone());
-    let admin_opts = ServeOptions {
-        header_read_timeout: config.server.header_read_timeout,
-        shutdown_grace: ADMIN_GRACE,
-    };
+    let admin_opts = ServeOptions::internal(config.server.header_read_timeout, ADMIN_GRACE);
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_make_service = move |_peer: SocketAddr, _worker: usize| {
         let admin = admin.clone();
@@ -197,14 +194,23 @@ pub async fn run_with_clock(
                 let _ = admin_stopped.await;
             },
             || {},
+            |_refusal| {},
         )
         .await
     });
 
+    let s = &config.server;
     let opts = ServeOptions {
-        header_read_timeout: config.server.header_read_timeout,
-        shutdown_grace: config.server.shutdown_grace,
+        header_read_timeout: s.header_read_timeout,
+        shutdown_grace: s.shutdown_grace,
+        idle_timeout: s.idle_timeout,
+        max_connections: s.max_connections,
+        max_connections_per_ip: s.max_connections_per_ip,
+        max_request_head_bytes: s.max_request_head_bytes,
+        max_request_headers: s.max_request_headers,
+        http2_max_concurrent_streams: s.http2_max_concurrent_streams,
     };
+    let refused_metrics = metrics.clone();
     let upstream_origin = format!(
         "{}://{}",
         config.upstream.url.scheme_str().unwrap_or("https"),
@@ -240,6 +246,7 @@ pub async fn run_with_clock(
         &workers,
         drain_signal,
         || cut_off(&drained),
+        move |refusal| refused_metrics.connection_refused(refusal),
     )
     .await;
     let outcome = settle_open_requests(

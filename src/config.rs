@@ -58,6 +58,26 @@ pub struct ServerConfig {
     /// single-threaded runtime with its own upstream pool; `None`: one per CPU the process may
     /// run on. From 1 to 1024.
     pub worker_threads: Option<usize>,
+    /// A client connection with no request in flight this long is closed gracefully
+    /// (`server.idle_timeout`; HTTP/2: GOAWAY, RFC 9113 §6.8). HTTP/1.1 keep-alive connections
+    /// are also closed by `header_read_timeout` while they wait for the next request head.
+    pub idle_timeout: Duration,
+    /// Client connections open at once on the proxy listener (`server.max_connections`); past
+    /// it a new connection is closed at once. From 1 to 1,000,000.
+    pub max_connections: usize,
+    /// Client connections open at once from one TCP peer address, an IPv6 address by its /64
+    /// (`server.max_connections_per_ip`); past it a new connection from that address is closed
+    /// at once. From 1 to `max_connections`.
+    pub max_connections_per_ip: usize,
+    /// Largest request head, in bytes (`server.max_request_head_bytes`): HTTP/1.1 request line
+    /// and fields, HTTP/2 header list. Past it: 431 (RFC 6585 §5). From 8192 to 1 MiB.
+    pub max_request_head_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request (`server.max_request_headers`); past it: 431.
+    /// From 1 to 1000.
+    pub max_request_headers: usize,
+    /// Streams a client may open at once on one HTTP/2 connection
+    /// (`server.http2_max_concurrent_streams`, RFC 9113 §6.5.2). From 1 to 1000.
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// `[upstream]`: where calls are forwarded.
@@ -440,6 +460,37 @@ impl Config {
                 }
                 n => n,
             },
+            idle_timeout: parse_duration("server.idle_timeout", &raw.server.idle_timeout, false)?,
+            max_connections: in_range(
+                "server.max_connections",
+                raw.server.max_connections,
+                1,
+                MAX_CONNECTIONS_LIMIT,
+            )?,
+            max_connections_per_ip: in_range(
+                "server.max_connections_per_ip",
+                raw.server.max_connections_per_ip,
+                1,
+                raw.server.max_connections.max(1),
+            )?,
+            max_request_head_bytes: in_range(
+                "server.max_request_head_bytes",
+                raw.server.max_request_head_bytes,
+                8192,
+                1024 * 1024,
+            )?,
+            max_request_headers: in_range(
+                "server.max_request_headers",
+                raw.server.max_request_headers,
+                1,
+                1000,
+            )?,
+            http2_max_concurrent_streams: in_range(
+                "server.http2_max_concurrent_streams",
+                raw.server.http2_max_concurrent_streams as usize,
+                1,
+                1000,
+            )? as u32,
         };
         let upstream = UpstreamConfig {
             url: parse_upstream_url(&raw.upstream.url)?,
@@ -738,6 +789,20 @@ const MAX_WORKER_THREADS: usize = 1024;
 /// Upper bound of `metrics.max_client_ids`: each tracked id costs a series and a report entry.
 const MAX_CLIENT_IDS_LIMIT: usize = 100_000;
 
+/// Largest `server.max_connections`.
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+
+fn in_range(key: &'static str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            value.to_string(),
+            format!("a number from {min} to {max}"),
+        ));
+    }
+    Ok(value)
+}
+
 fn at_most(key: &'static str, value: usize, limit: usize) -> Result<usize, ConfigError> {
     if value > limit {
         return Err(invalid(
@@ -999,6 +1064,12 @@ mod tests {
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
         assert_eq!(c.upstream.pool_max_idle_per_host, 256);
         assert_eq!(c.server.worker_threads, None);
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_connections, 4096);
+        assert_eq!(c.server.max_connections_per_ip, 256);
+        assert_eq!(c.server.max_request_head_bytes, 16384);
+        assert_eq!(c.server.max_request_headers, 100);
+        assert_eq!(c.server.http2_max_concurrent_streams, 100);
         assert_eq!(
             c.migration.preview_accept.unwrap(),
             "application/vnd.github.doctor-strange-preview+json"
@@ -1256,6 +1327,26 @@ mod tests {
             (
                 "[server]\nheader_read_timeout = \"0s\"",
                 &["server.header_read_timeout", "\"0s\"", "greater than zero"],
+            ),
+            (
+                "[server]\nmax_connections = 10\nmax_connections_per_ip = 11",
+                &["server.max_connections_per_ip", "11", "from 1 to 10"],
+            ),
+            (
+                "[server]\nmax_request_head_bytes = 4096",
+                &[
+                    "server.max_request_head_bytes",
+                    "4096",
+                    "from 8192 to 1048576",
+                ],
+            ),
+            (
+                "[server]\nhttp2_max_concurrent_streams = 0",
+                &["server.http2_max_concurrent_streams", "0", "from 1 to 1000"],
+            ),
+            (
+                "[server]\nidle_timeout = \"0s\"",
+                &["server.idle_timeout", "\"0s\"", "greater than zero"],
             ),
             (
                 "[server]\nworker_threads = 0",

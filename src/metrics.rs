@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::classify::{LEGACY_OPERATIONS, Operation, RouteClass};
 use crate::limiter::{FailureClass, KeyKind, QUOTAS, Tracked};
+use crate::server::Refusal;
 use crate::upstream::FailureKind;
 
 /// Every application metric name starts with this.
@@ -180,6 +181,7 @@ pub struct Metrics {
     status_compat: [IntCounter; LEGACY_OPERATIONS.len()],
     in_flight: IntGauge,
     open_connections: IntGauge,
+    connections_refused: [IntCounter; 2],
     failed_checks: [IntCounter; 3],
     failed_checks_rejected: [IntCounter; 3],
     failed_checks_shadow: [IntCounter; 3],
@@ -313,6 +315,12 @@ impl Metrics {
                 "Client connections open on the proxy listener.",
             )?,
         )?;
+        let connections_refused = counter_vec(
+            r,
+            "connections_refused_total",
+            "Client connections closed at once on the proxy listener, by reason: max_connections (server.max_connections open) or max_connections_per_ip (server.max_connections_per_ip open from the same address).",
+            &["reason"],
+        )?;
         let quota_counter = |suffix: &str, help: &str| {
             counter_vec(r, suffix, help, &["class", "key_kind"])
                 .map(|v| QUOTAS.map(|(c, k)| v.with_label_values(&[c.as_str(), k.as_str()])))
@@ -410,6 +418,8 @@ impl Metrics {
             status_compat: LEGACY_OPERATIONS.map(|op| compat.with_label_values(&[op.as_str()])),
             in_flight,
             open_connections,
+            connections_refused: Refusal::ALL
+                .map(|r| connections_refused.with_label_values(&[r.as_str()])),
             failed_checks,
             failed_checks_rejected,
             failed_checks_shadow,
@@ -549,6 +559,11 @@ impl Metrics {
     /// Marks a proxy connection open until the guard drops.
     pub fn connection_opened(&self) -> GaugeGuard {
         GaugeGuard::new(&self.open_connections)
+    }
+
+    /// Counts a client connection closed at once because of a connection limit.
+    pub fn connection_refused(&self, reason: Refusal) {
+        self.connections_refused[reason as usize].inc();
     }
 
     /// Every registered metric in the Prometheus text format 0.0.4.

@@ -3,10 +3,14 @@
 //! grace period. It owns connections, not requests: what a request means is the service's job.
 //! Each accepted connection is handed to a worker ([`Workers`]) and served there.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -15,9 +19,11 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::limiter::address_key;
 use crate::workers::Workers;
 
 /// How long connections get to write what the cut-off at the end of the grace period answered,
@@ -28,6 +34,12 @@ const CUT_OFF_FLUSH: Duration = Duration::from_secs(1);
 /// does not spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Interval of HTTP/2 PING frames on a connection, in seconds (RFC 9113 §6.7), and how long an
+/// answer may take before the connection is closed: a peer that went away without a FIN is
+/// found out even while a stream is open.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Connection-level settings of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
@@ -36,6 +48,199 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Longest wait for in-flight requests once shutdown starts.
     pub shutdown_grace: Duration,
+    /// A connection with no request in flight for this long is closed gracefully (HTTP/2:
+    /// GOAWAY), in seconds.
+    pub idle_timeout: Duration,
+    /// Client connections open at once; past it a new connection is closed at once.
+    pub max_connections: usize,
+    /// Client connections open at once from one address (an IPv6 address by its /64); past it
+    /// a new connection from that address is closed at once.
+    pub max_connections_per_ip: usize,
+    /// Largest request head, in bytes: HTTP/1.1 request line and fields (hyper answers 431
+    /// past it; at least 8192), HTTP/2 header list (RFC 9113 §6.5.2 SETTINGS_MAX_HEADER_LIST_SIZE).
+    pub max_request_head_bytes: usize,
+    /// Most header fields in an HTTP/1.1 request (hyper answers 431 past it).
+    pub max_request_headers: usize,
+    /// Streams a client may open at once on one HTTP/2 connection (RFC 9113 §6.5.2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl ServeOptions {
+    /// Options with the given timeouts and the limits of a small internal listener (the admin
+    /// listener): 64 connections, 16 per address, 16 KiB heads, 100 fields, 16 streams.
+    pub fn internal(header_read_timeout: Duration, shutdown_grace: Duration) -> Self {
+        ServeOptions {
+            header_read_timeout,
+            shutdown_grace,
+            idle_timeout: header_read_timeout,
+            max_connections: 64,
+            max_connections_per_ip: 16,
+            max_request_head_bytes: 16 * 1024,
+            max_request_headers: 100,
+            http2_max_concurrent_streams: 16,
+        }
+    }
+}
+
+/// Why a new connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `server.max_connections` were open.
+    MaxConnections = 0,
+    /// `server.max_connections_per_ip` were open from the same address.
+    MaxConnectionsPerIp = 1,
+}
+
+impl Refusal {
+    /// Every reason, in metric-label order.
+    pub const ALL: [Refusal; 2] = [Refusal::MaxConnections, Refusal::MaxConnectionsPerIp];
+
+    /// The reason's name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxConnectionsPerIp => "max_connections_per_ip",
+        }
+    }
+}
+
+/// Open connections, in all and per address; an address leaves the table with its last one,
+/// so the table never holds more than `max` entries.
+struct Limits {
+    max: usize,
+    per_ip: usize,
+    open: AtomicUsize,
+    by_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A connection's place in [`Limits`], given back when dropped.
+struct Slot {
+    limits: Arc<Limits>,
+    ip: IpAddr,
+}
+
+impl Limits {
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
+        let ip = address_key(ip.to_canonical());
+        let mut by_ip = self.by_ip.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.open.load(Ordering::Relaxed) >= self.max {
+            return Err(Refusal::MaxConnections);
+        }
+        let n = by_ip.entry(ip).or_insert(0);
+        if *n >= self.per_ip {
+            return Err(Refusal::MaxConnectionsPerIp);
+        }
+        *n += 1;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut by_ip = self
+            .limits
+            .by_ip
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+        self.limits.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Requests in flight on one connection and when the last one ended, for the idle timeout.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds from `epoch` at which the connection last went without a request.
+    idle_since_ms: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl Activity {
+    fn now_ms(&self) -> u64 {
+        let epoch = *self.epoch.get_or_init(Instant::now);
+        u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Resolves once no request has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let idle_for = self
+                .now_ms()
+                .saturating_sub(self.idle_since_ms.load(Ordering::Relaxed));
+            if self.in_flight.load(Ordering::Acquire) == 0 && idle_for >= timeout_ms {
+                return;
+            }
+            let wait = match self.in_flight.load(Ordering::Acquire) {
+                0 => timeout_ms.saturating_sub(idle_for).max(1),
+                _ => timeout_ms,
+            };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+    }
+}
+
+/// A service that keeps [`Activity`] up to date.
+#[derive(Clone)]
+struct Counted<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> Service<Request<Incoming>> for Counted<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+{
+    type Response = Response<B>;
+    type Error = Infallible;
+    type Future = CountedFuture<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        CountedFuture {
+            inner: self.inner.call(req),
+            _done: Done(self.activity.clone()),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a [`Counted`] call: ends the request's activity when it resolves or is
+    /// dropped.
+    struct CountedFuture<F> {
+        #[pin]
+        inner: F,
+        _done: Done,
+    }
+}
+
+struct Done(Arc<Activity>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.idle_since_ms.store(a.now_ms(), Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl<F: Future> Future for CountedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.project().inner.poll(cx)
+    }
 }
 
 /// A new connection on its way to its worker.
@@ -69,6 +274,7 @@ pub async fn serve<M, S, B>(
     workers: &Workers,
     shutdown: impl Future<Output = ()>,
     cut_off: impl FnOnce(),
+    on_refused: impl Fn(Refusal),
 ) -> DrainOutcome
 where
     M: Fn(SocketAddr, usize) -> S,
@@ -82,10 +288,26 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(opts.header_read_timeout)
+        .max_buf_size(opts.max_request_head_bytes.max(8192))
+        .max_headers(opts.max_request_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(opts.http2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(opts.max_request_head_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let limits = Arc::new(Limits {
+        max: opts.max_connections,
+        per_ip: opts.max_connections_per_ip,
+        open: AtomicUsize::new(0),
+        by_ip: Mutex::new(HashMap::new()),
+    });
+    // Every connection holds a receiver: `true` asks it to finish gracefully, and the drain is
+    // over once every receiver is gone.
+    let (drain, _) = watch::channel(false);
     tokio::pin!(shutdown);
 
     loop {
@@ -101,13 +323,25 @@ where
                 }
             },
         };
+        let slot = match limits.acquire(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                // Closed at once: the socket is dropped here, before any byte is read.
+                on_refused(refusal);
+                tracing::debug!(reason = refusal.as_str(), "connection refused");
+                continue;
+            }
+        };
         // Small request/response messages: send them without Nagle delay.
         let _ = stream.set_nodelay(true);
         let worker = workers.assign();
-        let service = make_service(peer, worker.index);
+        let activity = Arc::new(Activity::default());
+        let service = Counted {
+            inner: make_service(peer, worker.index),
+            activity: activity.clone(),
+        };
         let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let first_byte_timeout = opts.header_read_timeout;
+        let mut drained = drain.subscribe();
         let index = worker.index;
         // Off worker 0 the socket moves to the worker's own reactor: out of this one here,
         // into that one on the worker's thread.
@@ -122,7 +356,7 @@ where
             },
         };
         workers.spawn(index, async move {
-            let _worker = worker;
+            let _held = (worker, slot);
             let stream = match stream {
                 Handoff::Local(stream) => stream,
                 Handoff::Moved(std) => match TcpStream::from_std(std) {
@@ -136,32 +370,55 @@ where
             // hyper's header timer starts at the first byte; a client that sends nothing at
             // all is held to the same limit here.
             let mut probe = [0u8; 1];
-            match tokio::time::timeout(first_byte_timeout, stream.peek(&mut probe)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => return, // closed or failed before sending anything
-                Err(_) => {
-                    tracing::debug!("connection sent nothing within header_read_timeout; closed");
-                    return;
+            tokio::select! {
+                biased;
+                _ = drained.wait_for(|d| *d) => return,
+                first = tokio::time::timeout(opts.header_read_timeout, stream.peek(&mut probe)) => {
+                    match first {
+                        Ok(Ok(n)) if n > 0 => {}
+                        Ok(_) => return, // closed or failed before sending anything
+                        Err(_) => {
+                            tracing::debug!("connection sent nothing within header_read_timeout; closed");
+                            return;
+                        }
+                    }
                 }
             }
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                // Client resets, header timeouts and malformed requests end up here.
-                tracing::debug!(error = %e, "connection ended with an error");
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    ended = conn.as_mut() => {
+                        if let Err(e) = ended {
+                            // Client resets, header timeouts and malformed requests end up here.
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = drained.wait_for(|d| *d), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    () = activity.idle_for(opts.idle_timeout), if !closing => {
+                        tracing::debug!("connection idle for idle_timeout; closing");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
             }
         });
     }
 
     drop(listener);
-    let open = graceful.count();
+    let open = drain.receiver_count();
     tracing::info!(
         open_connections = open,
         grace_seconds = opts.shutdown_grace.as_secs_f64(),
         "shutdown: draining"
     );
-    let drained = graceful.shutdown();
+    let _ = drain.send(true);
+    let drained = drain.closed();
     tokio::pin!(drained);
     match tokio::time::timeout(opts.shutdown_grace, &mut drained).await {
         Ok(()) => {

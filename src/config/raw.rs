@@ -29,6 +29,12 @@ pub struct RawServer {
     pub shutdown_grace: String,
     pub max_detached_exchanges: usize,
     pub worker_threads: Option<usize>,
+    pub idle_timeout: String,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_request_head_bytes: usize,
+    pub max_request_headers: usize,
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for RawServer {
@@ -41,6 +47,12 @@ impl Default for RawServer {
             shutdown_grace: "30s".into(),
             max_detached_exchanges: 1000,
             worker_threads: None,
+            idle_timeout: "60s".into(),
+            max_connections: 4096,
+            max_connections_per_ip: 256,
+            max_request_head_bytes: 16 * 1024,
+            max_request_headers: 100,
+            http2_max_concurrent_streams: 100,
         }
     }
 }

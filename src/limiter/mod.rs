@@ -31,11 +31,11 @@ use crate::config::{FailedChecksConfig, FailedChecksMode};
 
 pub use flight::IN_FLIGHT_ALLOWANCE;
 pub use gcra::{Charged, LimiterClock};
-pub use keys::{CredentialKey, NoRandomness};
+pub use keys::{CredentialKey, NoRandomness, address_key};
 
 use flight::{Flights, Reserve};
 use gcra::{Gcra, Peek};
-use keys::{ClientAddress, CredentialHasher, address_key};
+use keys::{ClientAddress, CredentialHasher};
 
 /// How long a credential stays verified after the upstream last accepted it, in seconds.
 const VERIFIED_FOR: Duration = Duration::from_secs(3600);

@@ -1,0 +1,189 @@
+//! Connection and request-head limits of the proxy listener (issue 10): connections in all and
+//! per address, idle HTTP/2 connections closed, oversized heads refused before anything goes
+//! upstream. Hostile clients bind 127.0.0.2 and up; everything stays on 127.0.0.0/8.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+use support::{get, http1_client_from, scrape, setup_with};
+
+/// A raw TCP connection to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{from}:0").parse().expect("address"))
+        .expect("bind");
+    socket.connect(to).await.expect("connect")
+}
+
+/// Whether the gateway closed `stream` (EOF or reset) within `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(within, stream.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) | Err(_) => false,
+    }
+}
+
+/// Reads one whole HTTP/1.1 response head from `stream`, as text.
+async fn response_head(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn one_address_over_its_cap_is_refused_while_others_are_served() {
+    let (_gh, gw) = setup_with(|c| c.server.max_connections_per_ip = 2).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect_from("127.0.0.2", gw.addr).await;
+        // A partial head keeps each connection open and counted.
+        s.write_all(b"GET /headers HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = connect_from("127.0.0.2", gw.addr).await;
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2)).await,
+        "a third connection from the same address is closed at once"
+    );
+    // Another caller is not affected.
+    let other = http1_client_from("127.0.0.3");
+    let resp = other
+        .get(format!("{}/headers", gw.url()).parse().unwrap())
+        .await
+        .expect("served");
+    assert_eq!(resp.status(), 200);
+    let m = scrape(&gw).await;
+    assert_eq!(
+        m["oauth_apps_gateway_connections_refused_total{reason=\"max_connections_per_ip\"}"],
+        1.0
+    );
+    // Once one closes, the address may connect again.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = connect_from("127.0.0.2", gw.addr).await;
+    again
+        .write_all(b"GET /headers HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(response_head(&mut again).await.starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn the_total_cap_refuses_new_connections_and_never_starves_the_admin_listener() {
+    let (_gh, gw) = setup_with(|c| {
+        c.server.max_connections = 3;
+        c.server.max_connections_per_ip = 3;
+    })
+    .await;
+    let mut held = Vec::new();
+    for from in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+        let mut s = connect_from(from, gw.addr).await;
+        s.write_all(b"GET /headers HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fourth = connect_from("127.0.0.5", gw.addr).await;
+    assert!(closed_within(&mut fourth, Duration::from_secs(2)).await);
+    // The admin listener has its own limits: a scrape still works.
+    let m = scrape(&gw).await;
+    assert_eq!(
+        m["oauth_apps_gateway_connections_refused_total{reason=\"max_connections\"}"],
+        1.0
+    );
+    assert_eq!(m["oauth_apps_gateway_open_connections"], 3.0);
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(get(&format!("{}/headers", gw.url())).await.status, 200);
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
+    let (_gh, gw) = setup_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(format!("{}/headers", gw.url()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("answered");
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    // Nothing more is sent: the gateway ends the connection (GOAWAY, then close).
+    let ended = tokio::time::timeout(Duration::from_secs(3), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the idle h2 connection was still open after 3 s"
+    );
+}
+
+#[tokio::test]
+async fn a_busy_http2_connection_is_not_closed_as_idle() {
+    let (_gh, gw) = setup_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    // A call every 100 ms for 1.2 s: never idle for 300 ms.
+    for _ in 0..12 {
+        let req = Request::builder()
+            .uri(format!("{}/headers", gw.url()))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("still open");
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!conn.is_finished());
+}
+
+#[tokio::test]
+async fn an_oversized_request_head_is_answered_431_and_never_forwarded() {
+    let (gh, gw) = setup_with(|c| c.server.max_request_head_bytes = 8192).await;
+    let before = gh.requests().len();
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let big = "a".repeat(10_000);
+    let head = format!("GET /headers HTTP/1.1\r\nhost: gw\r\nx-big: {big}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    assert!(response_head(&mut s).await.starts_with("HTTP/1.1 431"));
+    // Too many fields.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut head = String::from("GET /headers HTTP/1.1\r\nhost: gw\r\n");
+    for i in 0..120 {
+        head.push_str(&format!("x-f{i}: 1\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    assert!(response_head(&mut s).await.starts_with("HTTP/1.1 431"));
+    assert_eq!(gh.requests().len(), before, "nothing reached the upstream");
+    // A head under the limit still passes.
+    let gw_url = gw.url();
+    assert_eq!(get(&format!("{gw_url}/headers")).await.status, 200);
+}
