@@ -40,6 +40,13 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// HTTP/2 flow-control windows the gateway grants a client, in bytes (RFC 9113 §6.9.2): a stream
+/// may have at most 64 KiB of request body, a connection 256 KiB, sent ahead of what the
+/// gateway has read (hyper's defaults, 1 MiB each, let every connection park a megabyte while
+/// its call waits at the failed-check gate). Request bodies here are small JSON.
+const H2_STREAM_WINDOW: u32 = 65_535;
+const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+
 /// Connection-level settings of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
@@ -296,6 +303,8 @@ where
         .timer(TokioTimer::new())
         .max_concurrent_streams(opts.http2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(opts.max_request_head_bytes).unwrap_or(u32::MAX))
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .keep_alive_interval(Some(H2_PING_INTERVAL))
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);

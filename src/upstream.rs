@@ -224,6 +224,13 @@ impl Upstream {
                 kind: FailureKind::Timeout,
                 source: None,
             }),
+            // The gateway never forwards `Upgrade` (hop-by-hop), so a 101 (or any other 1xx
+            // hyper hands back) answers nothing it asked: the upstream broke the exchange
+            // (RFC 9110 §15.2.2: a server sends 101 only in answer to Upgrade).
+            Ok(Ok(resp)) if resp.status().is_informational() => Err(UpstreamError::Failed {
+                kind: FailureKind::Protocol,
+                source: Some(format!("unsolicited {} answer", resp.status().as_u16()).into()),
+            }),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(sort_error(e)),
         }

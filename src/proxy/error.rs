@@ -19,6 +19,9 @@ const OAUTH_APPS_DOCS: &str = "https://docs.github.com/rest/apps/oauth-applicati
 /// GitHub's REST documentation root, for errors not specific to one endpoint.
 const REST_DOCS: &str = "https://docs.github.com/rest";
 
+/// The methods the gateway forwards, for `Allow` (RFC 9110 §10.2.1).
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 /// An error the gateway answers itself. [`StatusCode::from`] is the one mapping to statuses.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -34,6 +37,15 @@ pub enum ProxyError {
         /// The configured limit, in bytes.
         limit: u64,
     },
+    /// A request target or `Host` the gateway will not forward (RFC 9112 §3.2: an HTTP/1.1
+    /// request without exactly one valid `Host`; RFC 9112 §3.2.4: the asterisk form with a
+    /// method other than `OPTIONS`): 400.
+    #[error("bad request target: {0}")]
+    BadTarget(&'static str),
+    /// `OPTIONS *` (RFC 9110 §9.3.7): a question about the gateway itself, answered 204 with
+    /// `Allow`, never forwarded.
+    #[error("OPTIONS * answered by the gateway")]
+    ServerOptions,
     /// `CONNECT`: the gateway is no tunnel or forward proxy: 405.
     #[error("CONNECT is not supported")]
     MethodNotAllowed,
@@ -91,7 +103,9 @@ impl From<&ProxyError> for StatusCode {
             | ProxyError::InvalidQueryCredential(_)
             | ProxyError::MethodCase
             | ProxyError::AmbiguousPath
+            | ProxyError::BadTarget(_)
             | ProxyError::RequestBody => StatusCode::BAD_REQUEST,
+            ProxyError::ServerOptions => StatusCode::NO_CONTENT,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Gone { .. } => StatusCode::GONE,
@@ -127,6 +141,8 @@ impl ProxyError {
                 format!("Request body too large: the gateway accepts at most {limit} bytes.")
             }
             ProxyError::RequestBody => "Bad request: the request body could not be read.".into(),
+            ProxyError::BadTarget(why) => format!("Bad request: {why}."),
+            ProxyError::ServerOptions => String::new(),
             ProxyError::AmbiguousPath => {
                 "Bad request: this path names an OAuth Applications token operation only if an encoded separator (%2F, %5C), a backslash or a ';' parameter is read as some servers read it; send the plain path.".into()
             }
@@ -207,6 +223,13 @@ impl ProxyError {
             documentation_url: &'a str,
         }
         let status = StatusCode::from(&self);
+        if let ProxyError::ServerOptions = &self {
+            let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
+            *resp.status_mut() = status;
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            return resp;
+        }
         let message = self.message();
         let body = serde_json::to_vec(&BasicError {
             message: &message,
@@ -220,10 +243,8 @@ impl ProxyError {
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
         if let ProxyError::MethodNotAllowed = &self {
-            resp.headers_mut().insert(
-                header::ALLOW,
-                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
-            );
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
         }
         if let ProxyError::Brownout {
             retry_after_secs: Some(secs),

@@ -202,7 +202,11 @@ impl Proxy {
         let open = inner.lifecycle.open();
         let (parts, body) = req.into_parts();
         let now = inner.clock.wall_now();
-        let plan = plan::plan(&parts.method, &parts.uri, &parts.headers, settings, now);
+        let plan =
+            match plan::target_refusal(parts.version, &parts.method, &parts.uri, &parts.headers) {
+                Some(e) => Plan::Answer(plan::unrouted(), e),
+                None => plan::plan(&parts.method, &parts.uri, &parts.headers, settings, now),
+            };
         let observe = |call| {
             let method = parts.method.clone();
             Observation::start(inner.metrics.clone(), started, method, call, open)

@@ -8,8 +8,8 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::PathAndQuery;
-use http::{Method, Uri};
+use http::uri::{Authority, PathAndQuery};
+use http::{Method, Uri, Version};
 
 use crate::classify::{
     ClassifyError, LegacyCall, Malformed, Operation, Route, RouteClass, app_client_id, classify,
@@ -292,6 +292,52 @@ pub fn plan(
     Plan::Forward(call, forward)
 }
 
+/// Whether a request's target and `Host` can be forwarded at all: `None` when they can.
+/// - `OPTIONS *` asks about the gateway itself (RFC 9110 §9.3.7): answered, never forwarded;
+/// - the asterisk form with any other method (`PRI *` over HTTP/1.1 among them): 400
+///   (RFC 9112 §3.2.4);
+/// - more than one `Host`, an invalid `Host`, or an HTTP/1.1 request without `Host`: 400
+///   (RFC 9112 §3.2).
+pub fn target_refusal(
+    version: Version,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Option<ProxyError> {
+    if uri.path() == "*" && uri.query().is_none() {
+        return Some(match *method {
+            Method::OPTIONS => ProxyError::ServerOptions,
+            _ => ProxyError::BadTarget("the asterisk-form target (*) is only for OPTIONS"),
+        });
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some(ProxyError::BadTarget(
+            "a request may carry only one Host header field",
+        )),
+        (Some(host), None) if Authority::try_from(host.as_bytes()).is_err() => Some(
+            ProxyError::BadTarget("the Host header field is not a valid host"),
+        ),
+        (None, _) if version == Version::HTTP_11 => Some(ProxyError::BadTarget(
+            "an HTTP/1.1 request needs a Host header field",
+        )),
+        _ => None,
+    }
+}
+
+/// The facts of a request refused before it was classified ([`target_refusal`]): a
+/// pass-through call of no app.
+pub fn unrouted() -> Call {
+    Call {
+        class: RouteClass::PassThrough,
+        operation: None,
+        legacy: None,
+        client_id: None,
+        query_credentials: (false, false),
+        user_agent: None,
+    }
+}
+
 /// The facts of a call refused by the gateway for how it is spelled (a method in the wrong case,
 /// an ambiguous separator): counted as malformed when legacy; its client_id only when
 /// `with_client_id`.
@@ -408,6 +454,45 @@ mod tests {
     /// What every spelling of a legacy check of `gho_t` for `Iv1.a` becomes.
     const CHECK: &str =
         "POST /applications/Iv1.a/token {\"access_token\":\"gho_t\"} | legacy | rewritten | Iv1.a";
+
+    #[test]
+    fn request_targets_and_host_fields_the_gateway_will_not_forward() {
+        let host = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::HOST, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let check = |version, method: Method, target: &str, headers: &HeaderMap| {
+            target_refusal(version, &method, &target.parse().unwrap(), headers)
+                .map(|e| (http::StatusCode::from(&e).as_u16(), e.to_string()))
+        };
+        let v11 = Version::HTTP_11;
+        let one = host(&["gw.example"]);
+        assert_eq!(check(v11, Method::GET, "/user", &one), None);
+        assert_eq!(check(v11, Method::OPTIONS, "*", &one).unwrap().0, 204);
+        let pri = check(v11, Method::from_bytes(b"PRI").unwrap(), "*", &one).unwrap();
+        assert_eq!(pri.0, 400);
+        assert!(pri.1.contains("only for OPTIONS"), "{pri:?}");
+        let none = check(v11, Method::GET, "/user", &HeaderMap::new()).unwrap();
+        assert_eq!(none.0, 400);
+        assert!(none.1.contains("needs a Host"), "{none:?}");
+        let two = check(v11, Method::GET, "/user", &host(&["a", "b"])).unwrap();
+        assert!(two.1.contains("only one Host"), "{two:?}");
+        let bad = check(v11, Method::GET, "/user", &host(&["a b"])).unwrap();
+        assert!(bad.1.contains("not a valid host"), "{bad:?}");
+        // HTTP/1.0 may leave Host out; HTTP/2 names the authority in :authority.
+        assert_eq!(
+            check(Version::HTTP_10, Method::GET, "/user", &HeaderMap::new()),
+            None
+        );
+        let h2 = "http://gw.example/user";
+        assert_eq!(
+            check(Version::HTTP_2, Method::GET, h2, &HeaderMap::new()),
+            None
+        );
+    }
 
     #[test]
     fn table() {
