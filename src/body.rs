@@ -6,9 +6,9 @@ use std::error::Error as StdError;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
@@ -74,6 +74,147 @@ where
     }
 }
 
+/// Request bodies of at most this many bytes are read completely before anything is sent
+/// upstream, so a client that sends slowly never holds an upstream connection (token
+/// operations send tens of bytes). A longer body is streamed once this much has arrived.
+pub const BUFFERED_BODY_BYTES: usize = 64 * 1024;
+
+pin_project_lite::pin_project! {
+    /// A body whose first bytes were read already: `prefix`, then the rest of `rest`.
+    pub struct Prefixed<B> {
+        prefix: Option<Bytes>,
+        #[pin]
+        rest: B,
+    }
+}
+
+impl<B> Prefixed<B> {
+    /// `prefix` (sent first, when not empty), then `rest`.
+    pub fn new(prefix: Bytes, rest: B) -> Self {
+        Self {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            rest,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        this.rest.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.rest.size_hint();
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(extra));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(extra));
+        }
+        hint
+    }
+}
+
+/// A client's request body as far as it was read before forwarding. Its `Debug` shows lengths
+/// only.
+pub enum ReadBody<B> {
+    /// The whole body (empty when there was none).
+    Whole(Bytes),
+    /// Its first bytes, and the rest still to stream: a body declared or found longer than the
+    /// buffer.
+    Started(Bytes, B),
+}
+
+impl<B> std::fmt::Debug for ReadBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadBody::Whole(b) => write!(f, "Whole({} bytes)", b.len()),
+            ReadBody::Started(b, _) => write!(f, "Started({} bytes, ..)", b.len()),
+        }
+    }
+}
+
+/// Why a request body could not be read before forwarding.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadBodyError {
+    /// It did not arrive by the deadline (`server.body_read_timeout`): the client is slow.
+    #[error("the request body was not received in time")]
+    TimedOut,
+    /// It is longer than the configured limit (`server.max_request_body_bytes`).
+    #[error("the request body is larger than the configured limit")]
+    TooLarge,
+    /// The client broke it off or broke its framing.
+    #[error("the request body could not be read")]
+    Broken(#[source] Box<dyn StdError + Send + Sync>),
+}
+
+/// Reads `body` completely when it ends within `buffer` bytes, by `deadline`; a body declared
+/// longer than `buffer` is not read here, and one found longer is returned started. Trailers
+/// of a buffered body are dropped (no GitHub API call sends any).
+///
+/// # Errors
+/// [`ReadBodyError::TimedOut`] when `deadline` passes first, [`ReadBodyError::TooLarge`] past
+/// `limit` bytes, [`ReadBodyError::Broken`] when the client breaks the body.
+pub async fn read_request_body<B>(
+    mut body: B,
+    buffer: usize,
+    limit: u64,
+    deadline: Instant,
+) -> Result<ReadBody<B>, ReadBodyError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    if body.is_end_stream() {
+        return Ok(ReadBody::Whole(Bytes::new()));
+    }
+    let declared = body.size_hint().lower();
+    if declared > limit {
+        return Err(ReadBodyError::TooLarge);
+    }
+    if declared > buffer as u64 {
+        return Ok(ReadBody::Started(Bytes::new(), body));
+    }
+    let mut read = BytesMut::new();
+    let collected = tokio::time::timeout_at(deadline, async {
+        while read.len() <= buffer {
+            match body.frame().await {
+                None => return Ok(true),
+                Some(Err(e)) => return Err(ReadBodyError::Broken(e.into())),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        read.extend_from_slice(&data);
+                        if read.len() as u64 > limit {
+                            return Err(ReadBodyError::TooLarge);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(false)
+    })
+    .await
+    .map_err(|_| ReadBodyError::TimedOut)??;
+    Ok(match collected {
+        true => ReadBody::Whole(read.freeze()),
+        false => ReadBody::Started(read.freeze(), body),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +250,58 @@ mod tests {
         assert!(err.is::<DeadlineElapsed>());
         assert!(Instant::now() >= deadline);
         drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_small_body_is_read_whole_and_a_slow_one_times_out() {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(b"{\"access_token\":"))
+            .await
+            .unwrap();
+        tx.send(Bytes::from_static(b"\"t\"}")).await.unwrap();
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        match read_request_body(ChannelBody(rx), 64, 1000, deadline).await {
+            Ok(ReadBody::Whole(b)) => assert_eq!(b, "{\"access_token\":\"t\"}"),
+            other => panic!("{other:?}"),
+        }
+        // One chunk, then nothing: the deadline passes.
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(b"{")).await.unwrap();
+        let got = read_request_body(ChannelBody(rx), 64, 1000, deadline).await;
+        assert!(matches!(got, Err(ReadBodyError::TimedOut)), "{got:?}");
+        assert!(Instant::now() >= deadline);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_long_body_is_started_then_streamed_whole() {
+        let (tx, rx) = mpsc::channel(8);
+        for _ in 0..4 {
+            tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let Ok(ReadBody::Started(prefix, rest)) =
+            read_request_body(ChannelBody(rx), 15, 1000, deadline).await
+        else {
+            panic!("a body longer than the buffer is started");
+        };
+        assert_eq!(prefix.len(), 20);
+        let all = Prefixed::new(prefix, rest)
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(all.len(), 40);
+        // Past the limit while buffering: refused.
+        let (tx, rx) = mpsc::channel(8);
+        for _ in 0..4 {
+            tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
+        }
+        drop(tx);
+        let got = read_request_body(ChannelBody(rx), 64, 25, deadline).await;
+        assert!(matches!(got, Err(ReadBodyError::TooLarge)), "{got:?}");
     }
 
     #[tokio::test(start_paused = true)]

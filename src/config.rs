@@ -62,6 +62,10 @@ pub struct ServerConfig {
     /// (`server.idle_timeout`; HTTP/2: GOAWAY, RFC 9113 §6.8). HTTP/1.1 keep-alive connections
     /// are also closed by `header_read_timeout` while they wait for the next request head.
     pub idle_timeout: Duration,
+    /// Longest wait for a request body of at most 64 KiB, read completely before anything is
+    /// sent upstream (`server.body_read_timeout`); past it the client gets 408 and nothing was
+    /// forwarded.
+    pub body_read_timeout: Duration,
     /// Client connections open at once on the proxy listener (`server.max_connections`); past
     /// it a new connection is closed at once. From 1 to 1,000,000.
     pub max_connections: usize,
@@ -461,6 +465,11 @@ impl Config {
                 n => n,
             },
             idle_timeout: parse_duration("server.idle_timeout", &raw.server.idle_timeout, false)?,
+            body_read_timeout: parse_duration(
+                "server.body_read_timeout",
+                &raw.server.body_read_timeout,
+                false,
+            )?,
             max_connections: in_range(
                 "server.max_connections",
                 raw.server.max_connections,
@@ -1065,6 +1074,7 @@ mod tests {
         assert_eq!(c.upstream.pool_max_idle_per_host, 256);
         assert_eq!(c.server.worker_threads, None);
         assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(10));
         assert_eq!(c.server.max_connections, 4096);
         assert_eq!(c.server.max_connections_per_ip, 256);
         assert_eq!(c.server.max_request_head_bytes, 16384);

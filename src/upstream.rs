@@ -26,11 +26,13 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::time::Instant;
 
+use crate::body::Prefixed;
 use crate::config::UpstreamConfig;
 
-/// Body of a request sent upstream: a body built by the gateway (a rewritten call) or the
-/// client's own body streamed through under the size limit.
-pub type UpstreamRequestBody = Either<Full<Bytes>, Limited<Incoming>>;
+/// Body of a request sent upstream: a body built by the gateway (a rewritten call) or read whole
+/// from the client, or the client's own body streamed through under the size limit (after the
+/// bytes already read).
+pub type UpstreamRequestBody = Either<Full<Bytes>, Prefixed<Limited<Incoming>>>;
 
 /// Idle pooled connections are closed after this long, in seconds; below GitHub's own idle
 /// timeouts so the gateway, not the upstream, closes them (fewer races on reuse).

@@ -187,3 +187,55 @@ async fn an_oversized_request_head_is_answered_431_and_never_forwarded() {
     let gw_url = gw.url();
     assert_eq!(get(&format!("{gw_url}/headers")).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_slow_request_body_is_answered_408_and_never_reaches_the_upstream() {
+    let (gh, gw) = setup_with(|c| c.server.body_read_timeout = Duration::from_millis(300)).await;
+    let before = gh.request_count();
+    for framing in ["content-length: 40", "transfer-encoding: chunked"] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST /applications/Iv1.x/token HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n{framing}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let first = match framing {
+            "transfer-encoding: chunked" => "5\r\n{\"acc\r\n",
+            _ => "{\"acc",
+        };
+        s.write_all(first.as_bytes()).await.unwrap();
+        // ... and nothing more.
+        let head = response_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 408"), "{framing}: {head}");
+    }
+    assert_eq!(
+        gh.request_count(),
+        before,
+        "no slow body reached the upstream"
+    );
+    let m = scrape(&gw).await;
+    assert_eq!(
+        m["oauth_apps_gateway_responses_total{route=\"token_api\",status=\"408\"}"],
+        2.0
+    );
+    assert!(
+        !m.keys()
+            .any(|k| k.starts_with("oauth_apps_gateway_upstream_failures_total") && m[k] > 0.0),
+        "a slow client is not an upstream failure"
+    );
+}
+
+#[tokio::test]
+async fn a_body_longer_than_the_buffer_is_streamed_whole() {
+    let (gh, gw) = setup_with(|_| {}).await;
+    let body = vec![b'x'; 200 * 1024];
+    let client = support::http1_client();
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{}/echo-body", gw.url()))
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let resp = client.request(req).await.expect("answered");
+    let _ = resp.status();
+    let got = gh.requests().last().map(|r| r.body.len());
+    assert_eq!(got, Some(body.len()), "the upstream got every byte");
+}

@@ -42,6 +42,10 @@ pub enum ProxyError {
     /// method other than `OPTIONS`): 400.
     #[error("bad request target: {0}")]
     BadTarget(&'static str),
+    /// A request body of at most 64 KiB not received within `server.body_read_timeout`: 408
+    /// (RFC 9110 §15.5.9), nothing forwarded. The client is slow, not the upstream.
+    #[error("request body not received in time")]
+    RequestTimeout,
     /// `OPTIONS *` (RFC 9110 §9.3.7): a question about the gateway itself, answered 204 with
     /// `Allow`, never forwarded.
     #[error("OPTIONS * answered by the gateway")]
@@ -106,6 +110,7 @@ impl From<&ProxyError> for StatusCode {
             | ProxyError::BadTarget(_)
             | ProxyError::RequestBody => StatusCode::BAD_REQUEST,
             ProxyError::ServerOptions => StatusCode::NO_CONTENT,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Gone { .. } => StatusCode::GONE,
@@ -143,6 +148,9 @@ impl ProxyError {
             ProxyError::RequestBody => "Bad request: the request body could not be read.".into(),
             ProxyError::BadTarget(why) => format!("Bad request: {why}."),
             ProxyError::ServerOptions => String::new(),
+            ProxyError::RequestTimeout => {
+                "Request timeout: the request body did not arrive in time; nothing was sent upstream.".into()
+            }
             ProxyError::AmbiguousPath => {
                 "Bad request: this path names an OAuth Applications token operation only if an encoded separator (%2F, %5C), a backslash or a ';' parameter is read as some servers read it; send the plain path.".into()
             }

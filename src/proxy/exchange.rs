@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
-use crate::body::{DeadlineBody, ProxyBody};
+use crate::body::{DeadlineBody, Prefixed, ProxyBody, ReadBody};
 use crate::headers::{add_accept_media_type, remove_hop_by_hop};
 use crate::limiter::Permit;
 use crate::metrics::LegacyAction;
@@ -112,10 +112,11 @@ impl Lifecycle {
 }
 
 /// Builds the upstream request: the plan's method, path, body and `Authorization`; the client's
-/// other headers less hop-by-hop fields, `Host` and `Expect`.
+/// other headers less hop-by-hop fields, `Host` and `Expect`; the client's body as far as it was
+/// read ([`crate::body::read_request_body`]), then the rest streamed under the size limit.
 pub fn build(
     mut parts: Parts,
-    body: Incoming,
+    body: ReadBody<Incoming>,
     forward: Forward,
     upstream: &Upstream,
     settings: &ProxySettings,
@@ -139,10 +140,14 @@ pub fn build(
             drop(body);
             Either::Left(Full::new(json))
         }
-        None => {
-            let limit = usize::try_from(settings.max_request_body_bytes).unwrap_or(usize::MAX);
-            Either::Right(Limited::new(body, limit))
-        }
+        None => match body {
+            ReadBody::Whole(bytes) => Either::Left(Full::new(bytes)),
+            ReadBody::Started(prefix, rest) => {
+                let limit = usize::try_from(settings.max_request_body_bytes).unwrap_or(usize::MAX);
+                let left = limit.saturating_sub(prefix.len());
+                Either::Right(Prefixed::new(prefix, Limited::new(rest, left)))
+            }
+        },
     };
     Request::from_parts(parts, body)
 }

@@ -26,7 +26,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
+use crate::body::{self, ProxyBody, ReadBody, ReadBodyError};
 use crate::classify::Operation;
 use crate::config::{Brownout, Config, Mode, OperationModes};
 use crate::headers::DeprecationHeaders;
@@ -48,6 +48,9 @@ pub struct ProxySettings {
     pub request_timeout: std::time::Duration,
     /// Largest request body forwarded, in bytes (`server.max_request_body_bytes`).
     pub max_request_body_bytes: u64,
+    /// Longest wait for a small request body, read whole before forwarding
+    /// (`server.body_read_timeout`).
+    pub body_read_timeout: std::time::Duration,
     /// Media type added to `Accept` on rewritten calls (`migration.preview_accept`).
     pub preview_accept: Option<HeaderValue>,
     /// What is done with each legacy operation (`migration.mode`, `[migration.operations]`).
@@ -70,6 +73,7 @@ impl From<&Config> for ProxySettings {
         Self {
             request_timeout: c.server.request_timeout,
             max_request_body_bytes: c.server.max_request_body_bytes,
+            body_read_timeout: c.server.body_read_timeout,
             preview_accept: m.preview_accept.clone(),
             modes: m.modes,
             status_compat: m.status_compat,
@@ -218,6 +222,47 @@ impl Proxy {
                 return exchange::answer(settings, observe(call), resp, Outcome::Answered);
             }
             Plan::Forward(call, forward) => (observe(call), forward),
+        };
+        // A body small enough is read whole before the gate and the upstream, so a client that
+        // sends slowly holds neither a gate slot nor an upstream connection; a rewritten call's
+        // own body is discarded unread.
+        let body = match forward.json_body {
+            Some(_) => ReadBody::Whole(bytes::Bytes::new()),
+            None => {
+                let read = body::read_request_body(
+                    body,
+                    body::BUFFERED_BODY_BYTES,
+                    settings.max_request_body_bytes,
+                    Instant::now() + settings.body_read_timeout,
+                );
+                let read = tokio::select! {
+                    r = read => Some(r),
+                    () = inner.lifecycle.cut_off_signal() => None,
+                };
+                let refused = match read {
+                    Some(Ok(body)) => Ok(body),
+                    Some(Err(ReadBodyError::TimedOut)) => {
+                        Err((ProxyError::RequestTimeout, Outcome::Answered))
+                    }
+                    Some(Err(ReadBodyError::TooLarge)) => Err((
+                        ProxyError::PayloadTooLarge {
+                            limit: settings.max_request_body_bytes,
+                        },
+                        Outcome::Answered,
+                    )),
+                    Some(Err(ReadBodyError::Broken(e))) => {
+                        tracing::debug!(error = %e, "request body could not be read");
+                        Err((ProxyError::RequestBody, Outcome::Answered))
+                    }
+                    None => Err((ProxyError::ShutDown { forwarded: false }, Outcome::ShutDown)),
+                };
+                match refused {
+                    Ok(body) => body,
+                    Err((e, outcome)) => {
+                        return exchange::answer(settings, obs, e.into_response(), outcome);
+                    }
+                }
+            }
         };
         let verdict = match inner.limiter.as_ref().filter(|_| obs.call().is_app_call()) {
             None => Some(Verdict::Open),
