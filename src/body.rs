@@ -12,6 +12,8 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::server::ResponseWatch;
+
 /// The body of every response the proxy listener sends.
 pub type ProxyBody = Either<Full<Bytes>, DeadlineBody<Incoming>>;
 
@@ -29,6 +31,7 @@ pin_project_lite::pin_project! {
         inner: B,
         #[pin]
         sleep: Sleep,
+        watch: Option<ResponseWatch>,
     }
 }
 
@@ -38,7 +41,16 @@ impl<B> DeadlineBody<B> {
         Self {
             inner,
             sleep: tokio::time::sleep_until(deadline),
+            watch: None,
         }
+    }
+
+    /// Also keeps `watch` until the body ends: the connection is closed if the client has not
+    /// taken the whole body by the deadline, polled or not (see
+    /// [`crate::server::ConnectionControl`]).
+    pub fn watched(mut self, watch: Option<ResponseWatch>) -> Self {
+        self.watch = watch;
+        self
     }
 }
 
@@ -57,6 +69,10 @@ where
         let this = self.project();
         // Data already available wins over a deadline that passed in the same instant.
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            if frame.is_none() {
+                // Sent whole: the connection no longer watches it.
+                this.watch.take();
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         match this.sleep.poll(cx) {

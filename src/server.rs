@@ -164,16 +164,88 @@ impl Drop for Slot {
     }
 }
 
-/// Requests in flight on one connection and when the last one ended, for the idle timeout.
+/// Requests in flight on one connection and when the last one ended, for the idle timeout; and
+/// the responses that must be finished by a deadline, for cutting off a client that stops
+/// reading.
 #[derive(Default)]
 struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds from `epoch` at which the connection last went without a request.
     idle_since_ms: AtomicU64,
     epoch: std::sync::OnceLock<Instant>,
+    /// Responses still being sent, with their deadlines (a response is finished once its
+    /// `Weak` is dead). Pruned on every registration and every look.
+    responses: Mutex<Vec<(Instant, std::sync::Weak<()>)>>,
+    registered: tokio::sync::Notify,
+}
+
+/// A per-connection handle the service finds in each request's extensions: it registers
+/// responses that must be finished by a deadline. When one is not, the connection is closed at
+/// once, whatever the client reads (HTTP/1.1: the socket; HTTP/2: every stream of the
+/// connection), so a client that stops reading cannot hold its response, nor the upstream
+/// connection behind it, past the deadline.
+#[derive(Clone)]
+pub struct ConnectionControl {
+    activity: Arc<Activity>,
+}
+
+impl std::fmt::Debug for ConnectionControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionControl").finish_non_exhaustive()
+    }
+}
+
+/// A response registered with [`ConnectionControl::finish_by`]: finished when dropped.
+#[derive(Debug)]
+pub struct ResponseWatch {
+    _alive: Arc<()>,
+}
+
+impl ConnectionControl {
+    /// Registers a response that must be sent completely by `deadline`. Keep the returned
+    /// watch as long as the response is being sent; drop it when it is finished.
+    pub fn finish_by(&self, deadline: Instant) -> ResponseWatch {
+        let alive = Arc::new(());
+        {
+            let mut responses = self
+                .activity
+                .responses
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            responses.retain(|(_, w)| w.strong_count() > 0);
+            responses.push((deadline, Arc::downgrade(&alive)));
+        }
+        self.activity.registered.notify_one();
+        ResponseWatch { _alive: alive }
+    }
 }
 
 impl Activity {
+    /// Resolves once a registered response is still being sent at its deadline.
+    async fn overdue(&self) {
+        loop {
+            let registered = self.registered.notified();
+            let earliest = {
+                let mut responses = self
+                    .responses
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                responses.retain(|(_, w)| w.strong_count() > 0);
+                responses.iter().map(|(d, _)| *d).min()
+            };
+            match earliest {
+                Some(deadline) if deadline <= Instant::now() => return,
+                Some(deadline) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(deadline) => {}
+                        () = registered => {}
+                    }
+                }
+                None => registered.await,
+            }
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         let epoch = *self.epoch.get_or_init(Instant::now);
         u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -213,8 +285,11 @@ where
     type Error = Infallible;
     type Future = CountedFuture<S::Future>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        req.extensions_mut().insert(ConnectionControl {
+            activity: self.activity.clone(),
+        });
         CountedFuture {
             inner: self.inner.call(req),
             _done: Done(self.activity.clone()),
@@ -408,6 +483,10 @@ where
                     _ = drained.wait_for(|d| *d), if !closing => {
                         conn.as_mut().graceful_shutdown();
                         closing = true;
+                    }
+                    () = activity.overdue() => {
+                        tracing::debug!("a response was not sent by its deadline; connection closed");
+                        break;
                     }
                     () = activity.idle_for(opts.idle_timeout), if !closing => {
                         tracing::debug!("connection idle for idle_timeout; closing");

@@ -239,3 +239,107 @@ async fn a_body_longer_than_the_buffer_is_streamed_whole() {
     let got = gh.requests().last().map(|r| r.body.len());
     assert_eq!(got, Some(body.len()), "the upstream got every byte");
 }
+
+/// An upstream that answers every request with a 64 MiB body, written as fast as the gateway
+/// takes it; `released` turns true when the gateway closes the connection mid-body.
+async fn upstream_endless() -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let released = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = released.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let total: usize = 64 << 20;
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n");
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..total / chunk.len() {
+                    if s.write_all(&chunk).await.is_err() {
+                        flag.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, released)
+}
+
+async fn await_flag(flag: &std::sync::atomic::AtomicBool, within: Duration) -> bool {
+    let until = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < until {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_at_the_deadline_and_the_upstream_released() {
+    let (url, released) = upstream_endless().await;
+    let mut config = support::config_for(&url);
+    config.server.request_timeout = Duration::from_millis(800);
+    let gw = support::Gateway::start(config).await;
+    // HTTP/1.1: the client sends its request and never reads.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        await_flag(&released, Duration::from_secs(5)).await,
+        "the upstream connection was still held 5 s after the deadline (HTTP/1.1)"
+    );
+    // The client is cut off: reading now ends (EOF or reset) well short of 64 MiB.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert!(got < 64 << 20, "{got} bytes");
+}
+
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_is_cut_off_at_the_deadline() {
+    let (url, released) = upstream_endless().await;
+    let mut config = support::config_for(&url);
+    config.server.request_timeout = Duration::from_millis(800);
+    let gw = support::Gateway::start(config).await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(format!("{}/big", gw.url()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    // The head arrives; the body is never read, so the stream's window stays closed.
+    let resp = sender.send_request(req).await.expect("answered");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        await_flag(&released, Duration::from_secs(5)).await,
+        "the upstream connection was still held 5 s after the deadline (HTTP/2)"
+    );
+    drop(resp);
+}

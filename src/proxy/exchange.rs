@@ -28,6 +28,7 @@ use crate::proxy::gate;
 use crate::proxy::observe::{Observation, Outcome};
 use crate::proxy::plan::Forward;
 use crate::proxy::{Inner, ProxySettings};
+use crate::server::ConnectionControl;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequestBody};
 
 /// Requests not yet accounted for, the room left for detached exchanges, and the cut-off
@@ -162,6 +163,8 @@ pub struct Pending {
     pub deadline: Instant,
     /// The client's HTTP version, for the response.
     pub version: Version,
+    /// The client connection's control, to have the response finished by the deadline.
+    pub connection: Option<ConnectionControl>,
 }
 
 /// How the exchange ended.
@@ -277,7 +280,14 @@ fn settle(
             parts.version = pending.version;
             let resp = Response::from_parts(
                 parts,
-                Either::Right(DeadlineBody::new(body, pending.deadline)),
+                Either::Right(
+                    DeadlineBody::new(body, pending.deadline).watched(
+                        pending
+                            .connection
+                            .as_ref()
+                            .map(|c| c.finish_by(pending.deadline)),
+                    ),
+                ),
             );
             answer(settings, pending.obs, resp, outcome)
         }

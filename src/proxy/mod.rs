@@ -32,6 +32,7 @@ use crate::config::{Brownout, Config, Mode, OperationModes};
 use crate::headers::DeprecationHeaders;
 use crate::limiter::{FailedChecks, LimiterClock};
 use crate::metrics::Metrics;
+use crate::server::ConnectionControl;
 use crate::upstream::Upstream;
 
 pub use error::ProxyError;
@@ -298,6 +299,7 @@ impl Proxy {
             permit: verdict.into_permit(),
             deadline: Instant::now() + settings.request_timeout,
             version: parts.version,
+            connection: parts.extensions.get::<ConnectionControl>().cloned(),
         };
         let upstream_req = exchange::build(parts, body, forward, &inner.upstream, settings);
         exchange::run(inner.clone(), upstream_req, pending).await

@@ -107,8 +107,9 @@ pub fn plan(
     };
     // Methods are case-sensitive (RFC 9110 §9.1): `get` is not GET. On the path of a token
     // operation a case variant is refused rather than forwarded with a token in its path.
-    if let Some(upper) = case_variant(method)
-        && let (r, _) = classified(&upper)
+    let upper = case_variant(method);
+    if let Some(upper) = &upper
+        && let (r, _) = classified(upper)
         && !matches!(r, Ok(Route::PassThrough))
     {
         let call = refused(&r, true);
@@ -117,14 +118,20 @@ pub fn plan(
     let (route, canonical) = classified(method);
     // A path that is a token operation once `%2F`, `%5C` or `\` is read as `/` or `;`
     // parameters are cut, as some servers do, is ambiguous: refused, never forwarded or guessed.
+    // Read with the method as sent and, for a case variant (`get`), as the standard method an
+    // upstream might take it for.
     if let Ok(Route::PassThrough) = route
         && spelled.normalized.contains("applications")
         && let Some(alt) = with_separators_decoded(&spelled.normalized)
     {
         let alt = spellings(&alt);
-        let alt_route = match classify(method, &alt.normalized) {
+        let alt_route = |method: &Method| match classify(method, &alt.normalized) {
             Ok(Route::PassThrough) => classify(method, &alt.collapsed),
             other => other,
+        };
+        let alt_route = match (alt_route(method), &upper) {
+            (Ok(Route::PassThrough), Some(upper)) => alt_route(upper),
+            (other, _) => other,
         };
         if !matches!(alt_route, Ok(Route::PassThrough)) {
             // The client_id read through a guessed separator is no fact to record.
