@@ -56,7 +56,7 @@ pub struct ServerConfig {
     pub max_detached_exchanges: usize,
     /// Worker threads serving client connections (`server.worker_threads`), each a
     /// single-threaded runtime with its own upstream pool; `None`: one per CPU the process may
-    /// run on. From 1 to 1024.
+    /// run on, at most 64. From 1 to 1024.
     pub worker_threads: Option<usize>,
     /// A client connection with no request in flight this long is closed gracefully
     /// (`server.idle_timeout`; HTTP/2: GOAWAY, RFC 9113 §6.8). HTTP/1.1 keep-alive connections

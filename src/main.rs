@@ -59,6 +59,8 @@ fn main() -> ExitCode {
         let listeners = app::bind(&config).await?;
         app::run(config, listeners, app::shutdown_signal()).await
     });
+    // Blocking tasks still running (a worker thread that did not stop) do not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(DrainOutcome::Completed) => ExitCode::SUCCESS,
         Ok(DrainOutcome::TimedOut) => ExitCode::FAILURE,

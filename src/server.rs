@@ -281,7 +281,7 @@ impl<S, B> Service<Request<Incoming>> for Counted<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
 {
-    type Response = Response<B>;
+    type Response = Response<CountedBody<B>>;
     type Error = Infallible;
     type Future = CountedFuture<S::Future>;
 
@@ -292,21 +292,57 @@ where
         });
         CountedFuture {
             inner: self.inner.call(req),
-            _done: Done(self.activity.clone()),
+            done: Some(Done(self.activity.clone())),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The future of a [`Counted`] call: ends the request's activity when it resolves or is
-    /// dropped.
+    /// The future of a [`Counted`] call: hands the request's activity to the response body,
+    /// or ends it when dropped first.
     struct CountedFuture<F> {
         #[pin]
         inner: F,
-        _done: Done,
+        done: Option<Done>,
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until it ends or is
+    /// dropped: a connection still sending a response is not idle.
+    struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        done: Option<Done>,
+    }
+}
+
+impl<B: Body> Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            this.done.take();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One request counted in flight on its connection until dropped.
 struct Done(Arc<Activity>);
 
 impl Drop for Done {
@@ -317,11 +353,19 @@ impl Drop for Done {
     }
 }
 
-impl<F: Future> Future for CountedFuture<F> {
-    type Output = F::Output;
+impl<F, B> Future for CountedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, Infallible>>,
+{
+    type Output = Result<Response<CountedBody<B>>, Infallible>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().inner.poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Poll::Ready(Ok(resp)) = this.inner.poll(cx) else {
+            return Poll::Pending;
+        };
+        let done = this.done.take();
+        Poll::Ready(Ok(resp.map(|inner| CountedBody { inner, done })))
     }
 }
 

@@ -221,6 +221,25 @@ impl Upstream {
         req: Request<UpstreamRequestBody>,
         deadline: Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let replay = Replay::of(&req);
+        let first = self.send_once(req, deadline).await;
+        match (first, replay) {
+            (Err(e), Some(replay)) if closed_before_answering(&e) => {
+                tracing::debug!(
+                    error = %e,
+                    "upstream connection closed before answering a GET or HEAD; retried once"
+                );
+                self.send_once(replay.request(), deadline).await
+            }
+            (first, _) => first,
+        }
+    }
+
+    async fn send_once(
+        &self,
+        req: Request<UpstreamRequestBody>,
+        deadline: Instant,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         match tokio::time::timeout_at(deadline, self.client.request(req)).await {
             Err(_elapsed) => Err(UpstreamError::Failed {
                 kind: FailureKind::Timeout,
@@ -237,6 +256,68 @@ impl Upstream {
             Ok(Err(e)) => Err(sort_error(e)),
         }
     }
+}
+
+/// What is needed to send a request again: kept only for GET and HEAD without a body, the
+/// methods retried (RFC 9110 §9.2.2: idempotent; POST, PUT, PATCH and DELETE never are here,
+/// since reset and revoke must not run twice).
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<UpstreamRequestBody>) -> Option<Self> {
+        let idempotent = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+        let empty = http_body::Body::size_hint(req.body()).exact() == Some(0);
+        (idempotent && empty).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(self) -> Request<UpstreamRequestBody> {
+        let mut req = Request::new(Either::Left(Full::new(Bytes::new())));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// Whether the upstream closed or reset the connection before any byte of an answer: the
+/// stale keep-alive race (the upstream closed an idle pooled connection as the request was
+/// written). Timeouts, TLS and connect failures are not.
+fn closed_before_answering(e: &UpstreamError) -> bool {
+    let UpstreamError::Failed {
+        kind: FailureKind::Protocol,
+        source: Some(source),
+    } = e
+    else {
+        return false;
+    };
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(source.as_ref());
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_incomplete_message()
+        {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            )
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, UpstreamBuildError> {

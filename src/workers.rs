@@ -77,8 +77,9 @@ impl Workers {
                 .build()?;
             let handle = runtime.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
-            // Workers log where the starting thread logs (the global subscriber in production;
-            // a test's capture in tests).
+            // Workers log where the starting thread logs: the global subscriber in production,
+            // a test's thread-local capture in tests. (tracing offers no way to tell the two
+            // apart, and a scoped default anywhere costs every event a thread-local lookup.)
             let dispatch = tracing::dispatcher::get_default(Clone::clone);
             let thread = std::thread::Builder::new()
                 .name(format!("oag-worker-{index}"))
@@ -108,10 +109,19 @@ impl Workers {
     /// Picks the worker with the fewest open connections for a new connection, and counts it
     /// there until the returned [`Assigned`] is dropped.
     pub fn assign(&self) -> Assigned {
+        // Ties go away from worker 0, which also accepts and serves the admin listener; a
+        // worker whose thread ended (not expected: tokio catches task panics) gets nothing.
         let index = self
             .load
             .iter()
             .enumerate()
+            .rev()
+            .filter(|(i, _)| {
+                i.checked_sub(1)
+                    .and_then(|e| self.extra.get(e))
+                    .and_then(|e| e.thread.as_ref())
+                    .is_none_or(|t| !t.is_finished())
+            })
             .min_by_key(|(_, open)| open.load(Ordering::Relaxed))
             .map_or(0, |(i, _)| i);
         self.load[index].fetch_add(1, Ordering::Relaxed);
@@ -178,10 +188,16 @@ impl Drop for Workers {
 
 /// The number of workers when `server.worker_threads` is not set: one per CPU this process may
 /// run on (its affinity mask and cgroup quota, as `std::thread::available_parallelism` reads
-/// them), 1 when that cannot be read.
+/// them), at most 64; 1 when that cannot be read.
 pub fn default_count() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(MAX_DEFAULT_WORKERS)
 }
+
+/// Most workers started when `server.worker_threads` is not set (each has its own upstream
+/// pool and, to an HTTP/2 upstream, its own connection).
+const MAX_DEFAULT_WORKERS: usize = 64;
 
 #[cfg(test)]
 mod tests {

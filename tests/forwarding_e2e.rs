@@ -435,6 +435,21 @@ async fn a_reset_that_was_sent_is_never_retried() {
 }
 
 #[tokio::test]
+async fn a_get_the_upstream_closed_on_unanswered_is_retried_once() {
+    use std::sync::atomic::Ordering;
+    let (url, seen) = upstream_dropping_second_request().await;
+    let mut config = config_for(&url);
+    config.server.worker_threads = Some(1);
+    let gw = Gateway::start(config).await;
+    let first = call_as_app(Method::GET, &format!("{}/user", gw.url())).await;
+    assert_eq!(first.status, 200);
+    // The pooled connection hangs up on the next request: the GET goes again, on a new one.
+    let second = call_as_app(Method::GET, &format!("{}/user", gw.url())).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(seen.load(Ordering::SeqCst), 3, "sent, dropped, sent again");
+}
+
+#[tokio::test]
 async fn absolute_form_targets_never_leave_the_configured_upstream() {
     let (gh, gw) = setup().await;
     let head = "GET http://evil.example:8080/user?x=1 HTTP/1.1\r\nhost: evil.example:8080\r\nconnection: close\r\n\r\n";

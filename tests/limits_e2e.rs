@@ -166,17 +166,21 @@ async fn a_busy_http2_connection_is_not_closed_as_idle() {
 
 #[tokio::test]
 async fn an_oversized_request_head_is_answered_431_and_never_forwarded() {
-    let (gh, gw) = setup_with(|c| c.server.max_request_head_bytes = 8192).await;
+    let (gh, gw) = setup_with(|c| {
+        c.server.max_request_head_bytes = 8192;
+        c.server.max_request_headers = 20;
+    })
+    .await;
     let before = gh.requests().len();
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let big = "a".repeat(10_000);
     let head = format!("GET /headers HTTP/1.1\r\nhost: gw\r\nx-big: {big}\r\n\r\n");
     s.write_all(head.as_bytes()).await.unwrap();
     assert!(response_head(&mut s).await.starts_with("HTTP/1.1 431"));
-    // Too many fields.
+    // Too many fields (the limit is set below hyper's own default of 100).
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let mut head = String::from("GET /headers HTTP/1.1\r\nhost: gw\r\n");
-    for i in 0..120 {
+    for i in 0..30 {
         head.push_str(&format!("x-f{i}: 1\r\n"));
     }
     head.push_str("\r\n");
@@ -342,4 +346,39 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_deadline() {
         "the upstream connection was still held 5 s after the deadline (HTTP/2)"
     );
     drop(resp);
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_a_response_is_not_idle() {
+    let (_gh, gw) = setup_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    // A response whose body takes ~900 ms, three idle timeouts.
+    let req = Request::builder()
+        .uri(format!(
+            "{}/stream?chunks=7&size=100&delay_ms=150",
+            gw.url()
+        ))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("answered");
+    use http_body_util::BodyExt as _;
+    let body = resp.into_body().collect().await.expect("whole body");
+    assert_eq!(body.to_bytes().len(), 700);
+    // Had the connection been taken for idle mid-body, it would have sent GOAWAY: a new call on
+    // it now would fail.
+    let req = Request::builder()
+        .uri(format!("{}/headers", gw.url()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let again = sender
+        .send_request(req)
+        .await
+        .expect("the connection is still open");
+    assert_eq!(again.status(), 200);
+    assert!(!conn.is_finished());
 }
