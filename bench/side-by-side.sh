@@ -394,6 +394,21 @@ GW_ADMIN=$(free_port)
 GWT_PORT=$(free_port)
 GWT_ADMIN=$(free_port)
 
+# The idle-connection test opens IDLE_CONNECTIONS connections from 127.0.0.1 alone: the
+# gateway's connection limits (server.max_connections 4096, max_connections_per_ip 256) would
+# refuse most of them, so they are raised to fit (unless GATEWAY_SERVER_EXTRA sets them, or the
+# binary predates them: an older gateway rejects unknown keys, so its --check-config decides).
+GATEWAY_LIMIT_LINES=
+if ((IDLE_CONNECTIONS > 0)) && [[ $GATEWAY_SERVER_EXTRA != *max_connections* ]]; then
+    GATEWAY_LIMIT_LINES=$(printf 'max_connections = %d\nmax_connections_per_ip = %d' \
+        $((IDLE_CONNECTIONS + 1024)) $((IDLE_CONNECTIONS + 1024)))
+    printf '[server]\n%s\n[upstream]\nurl = "http://127.0.0.1:1"\n' "$GATEWAY_LIMIT_LINES" \
+        >"$TMP/limits-probe.toml"
+    if ! "$GATEWAY_BIN" --config "$TMP/limits-probe.toml" --check-config >/dev/null 2>&1; then
+        GATEWAY_LIMIT_LINES=
+    fi
+fi
+
 start_gateway() { # name listen-port admin-port upstream-url [upstream line...]
     local name=$1 port=$2 admin=$3 url=$4 conf=$TMP/$1.toml
     shift 4
@@ -402,6 +417,7 @@ start_gateway() { # name listen-port admin-port upstream-url [upstream line...]
         echo "[server]"
         echo "listen = \"127.0.0.1:$port\""
         [[ -n $GATEWAY_SERVER_EXTRA ]] && printf '%s\n' "$GATEWAY_SERVER_EXTRA"
+        [[ -n $GATEWAY_LIMIT_LINES ]] && printf '%s\n' "$GATEWAY_LIMIT_LINES"
         echo
         echo "[admin]"
         echo "listen = \"127.0.0.1:$admin\""
@@ -872,7 +888,7 @@ META=$TMP/meta.tsv
     printf 'gateway\t%s\n' "$GATEWAY_FROM"
     printf 'gateway_threads\t%s\n' "$GW_THREADS"
     printf 'gateway_env\t%s\n' "${GATEWAY_ENV:-(none)}"
-    printf 'gateway_extra\t%s / %s\n' "$(printf '%s' "${GATEWAY_SERVER_EXTRA:-(none)}" | paste -sd';' -)" \
+    printf 'gateway_extra\t%s / %s\n' "$(printf '%s' "${GATEWAY_SERVER_EXTRA:-}${GATEWAY_LIMIT_LINES:+${GATEWAY_SERVER_EXTRA:+;}$GATEWAY_LIMIT_LINES}" | paste -sd';' - | sed 's/^$/(none)/')" \
         "$(printf '%s' "${GATEWAY_UPSTREAM_EXTRA:-(none)}" | paste -sd';' -)"
     printf 'settings\trounds: %s (interleaved); %s s measured after %s s warm-up; %s; %s; %s\n' \
         "$ROUNDS" "$DURATION" "$WARMUP" "wrk -t$THREADS -c$CONNECTIONS --latency pinned to CPU $WRK_CPU" \
