@@ -175,8 +175,17 @@ struct Activity {
     epoch: std::sync::OnceLock<Instant>,
     /// Responses still being sent, with their deadlines (a response is finished once its
     /// `Weak` is dead). Pruned on every registration and every look.
-    responses: Mutex<Vec<(Instant, std::sync::Weak<()>)>>,
+    responses: Mutex<Responses>,
     registered: tokio::sync::Notify,
+}
+
+/// The responses a connection is sending, and whether its watcher has a timer armed (then a new
+/// response, whose deadline is never earlier, needs no wake-up: one per `request_timeout` at
+/// most, not one per request).
+#[derive(Default)]
+struct Responses {
+    watched: Vec<(Instant, std::sync::Weak<()>)>,
+    armed: bool,
 }
 
 /// A per-connection handle the service finds in each request's extensions: it registers
@@ -206,16 +215,19 @@ impl ConnectionControl {
     /// watch as long as the response is being sent; drop it when it is finished.
     pub fn finish_by(&self, deadline: Instant) -> ResponseWatch {
         let alive = Arc::new(());
-        {
+        let wake = {
             let mut responses = self
                 .activity
                 .responses
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            responses.retain(|(_, w)| w.strong_count() > 0);
-            responses.push((deadline, Arc::downgrade(&alive)));
+            responses.watched.retain(|(_, w)| w.strong_count() > 0);
+            responses.watched.push((deadline, Arc::downgrade(&alive)));
+            !responses.armed
+        };
+        if wake {
+            self.activity.registered.notify_one();
         }
-        self.activity.registered.notify_one();
         ResponseWatch { _alive: alive }
     }
 }
@@ -223,6 +235,8 @@ impl ConnectionControl {
 impl Activity {
     /// Resolves once a registered response is still being sent at its deadline.
     async fn overdue(&self) {
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
         loop {
             let registered = self.registered.notified();
             let earliest = {
@@ -230,14 +244,17 @@ impl Activity {
                     .responses
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                responses.retain(|(_, w)| w.strong_count() > 0);
-                responses.iter().map(|(d, _)| *d).min()
+                responses.watched.retain(|(_, w)| w.strong_count() > 0);
+                let earliest = responses.watched.iter().map(|(d, _)| *d).min();
+                responses.armed = earliest.is_some();
+                earliest
             };
             match earliest {
                 Some(deadline) if deadline <= Instant::now() => return,
                 Some(deadline) => {
+                    timer.as_mut().reset(deadline);
                     tokio::select! {
-                        () = tokio::time::sleep_until(deadline) => {}
+                        () = &mut timer => {}
                         () = registered => {}
                     }
                 }
