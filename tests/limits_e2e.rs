@@ -24,6 +24,20 @@ async fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
     socket.connect(to).await.expect("connect")
 }
 
+/// An HTTP/2 prior-knowledge connection to `addr`: its request sender and its connection task
+/// (not yet spawned).
+async fn h2_connect(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    hyper::client::conn::http2::Connection<TokioIo<TcpStream>, Full<Bytes>, TokioExecutor>,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .expect("h2 handshake")
+}
+
 /// Whether the gateway closed `stream` (EOF or reset) within `within`.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 64];
@@ -120,11 +134,7 @@ async fn the_total_cap_refuses_new_connections_and_never_starves_the_admin_liste
 #[tokio::test]
 async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
     let (_gh, gw) = setup_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
-    let stream = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
+    let (mut sender, conn) = h2_connect(gw.addr).await;
     let conn = tokio::spawn(conn);
     let req = Request::builder()
         .method(Method::GET)
@@ -145,11 +155,7 @@ async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
 #[tokio::test]
 async fn a_busy_http2_connection_is_not_closed_as_idle() {
     let (_gh, gw) = setup_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
-    let stream = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
+    let (mut sender, conn) = h2_connect(gw.addr).await;
     let conn = tokio::spawn(conn);
     // A call every 100 ms for 1.2 s: never idle for 300 ms.
     for _ in 0..12 {
@@ -328,11 +334,7 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_deadline() {
     let mut config = support::config_for(&url);
     config.server.request_timeout = Duration::from_millis(800);
     let gw = support::Gateway::start(config).await;
-    let stream = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
+    let (mut sender, conn) = h2_connect(gw.addr).await;
     tokio::spawn(conn);
     let req = Request::builder()
         .uri(format!("{}/big", gw.url()))
@@ -351,11 +353,7 @@ async fn an_http2_client_that_stops_reading_is_cut_off_at_the_deadline() {
 #[tokio::test]
 async fn a_connection_still_sending_a_response_is_not_idle() {
     let (_gh, gw) = setup_with(|c| c.server.idle_timeout = Duration::from_millis(300)).await;
-    let stream = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
+    let (mut sender, conn) = h2_connect(gw.addr).await;
     let conn = tokio::spawn(conn);
     // A response whose body takes ~900 ms, three idle timeouts.
     let req = Request::builder()
