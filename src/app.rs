@@ -204,6 +204,7 @@ pub async fn run_with_clock(
         header_read_timeout: s.header_read_timeout,
         shutdown_grace: s.shutdown_grace,
         idle_timeout: s.idle_timeout,
+        send_timeout: s.send_timeout,
         max_connections: s.max_connections,
         max_connections_per_ip: s.max_connections_per_ip,
         max_request_head_bytes: s.max_request_head_bytes,

@@ -24,14 +24,23 @@ pub type ProxyBody = Either<Full<Bytes>, DeadlineBody<Incoming>>;
 #[error("upstream response body not finished before the request deadline")]
 pub struct DeadlineElapsed;
 
+/// Largest part of a streamed response handed to the connection at once, in bytes: a longer
+/// upstream frame is handed over in parts of this size, so `server.send_timeout` measures how
+/// long the client takes to read at most this much (a client reading less than 16 KiB per
+/// `send_timeout` is cut off; one that reads steadily, however slowly above that, is not).
+pub const SEND_PART_BYTES: usize = 16 * 1024;
+
 pin_project_lite::pin_project! {
-    /// A body that fails with [`DeadlineElapsed`] once `deadline` passes.
+    /// A body that fails with [`DeadlineElapsed`] once `deadline` passes, and hands its data to
+    /// the connection in parts of at most [`SEND_PART_BYTES`].
     pub struct DeadlineBody<B> {
         #[pin]
         inner: B,
         #[pin]
         sleep: Sleep,
         watch: Option<ResponseWatch>,
+        // What is left of an upstream frame longer than SEND_PART_BYTES.
+        rest: Option<Bytes>,
     }
 }
 
@@ -42,15 +51,28 @@ impl<B> DeadlineBody<B> {
             inner,
             sleep: tokio::time::sleep_until(deadline),
             watch: None,
+            rest: None,
         }
     }
 
-    /// Also keeps `watch` until the body ends: the connection is closed if the client has not
-    /// taken the whole body by the deadline, polled or not (see
-    /// [`crate::server::ConnectionControl`]).
+    /// Also keeps `watch` until the body ends, and tells it when a part is handed to the
+    /// connection and when the connection asks for the next: the connection is closed if the
+    /// client has not taken the whole body by the deadline, polled or not, or has taken nothing
+    /// for `server.send_timeout` (see [`crate::server::ConnectionControl`]).
     pub fn watched(mut self, watch: Option<ResponseWatch>) -> Self {
         self.watch = watch;
         self
+    }
+}
+
+/// The first [`SEND_PART_BYTES`] of `data`, leaving the remainder (if any) in `rest`.
+fn first_part(mut data: Bytes, rest: &mut Option<Bytes>) -> Bytes {
+    if data.len() > SEND_PART_BYTES {
+        let part = data.split_to(SEND_PART_BYTES);
+        *rest = Some(data);
+        part
+    } else {
+        data
     }
 }
 
@@ -67,13 +89,36 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.project();
+        if let Some(watch) = this.watch.as_ref() {
+            // The connection asks for more: the client took what it was handed.
+            watch.taken();
+        }
+        if let Some(rest) = this.rest.take() {
+            let part = first_part(rest, this.rest);
+            if let Some(watch) = this.watch.as_ref() {
+                watch.handed_over();
+            }
+            return Poll::Ready(Some(Ok(Frame::data(part))));
+        }
         // Data already available wins over a deadline that passed in the same instant.
         if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            if frame.is_none() {
-                // Sent whole: the connection no longer watches it.
-                this.watch.take();
+            let frame = match frame {
+                None => {
+                    // Sent whole: the connection no longer watches it.
+                    this.watch.take();
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => Frame::data(first_part(data, this.rest)),
+                    Err(trailers) => trailers,
+                },
+            };
+            if let Some(watch) = this.watch.as_ref() {
+                // Handed to the connection: it waits for the client to read it.
+                watch.handed_over();
             }
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+            return Poll::Ready(Some(Ok(frame)));
         }
         match this.sleep.poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(DeadlineElapsed)))),
@@ -82,11 +127,20 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        if let Some(rest) = &self.rest {
+            let extra = rest.len() as u64;
+            let upper = hint.upper().map(|u| u + extra);
+            hint.set_lower(hint.lower() + extra);
+            if let Some(upper) = upper {
+                hint.set_upper(upper);
+            }
+        }
+        hint
     }
 }
 

@@ -66,6 +66,11 @@ pub struct ServerConfig {
     /// sent upstream (`server.body_read_timeout`); past it the client gets 408 and nothing was
     /// forwarded.
     pub body_read_timeout: Duration,
+    /// Longest time a response may wait for the client to take its next part
+    /// (`server.send_timeout`): a client that reads nothing for this long while a response is
+    /// being sent is cut off (HTTP/1.1: the connection is closed; HTTP/2: the connection, every
+    /// stream), and the upstream connection behind it released. nginx's `send_timeout`.
+    pub send_timeout: Duration,
     /// Client connections open at once on the proxy listener (`server.max_connections`); past
     /// it a new connection is closed at once. From 1 to 1,000,000.
     pub max_connections: usize,
@@ -470,6 +475,7 @@ impl Config {
                 &raw.server.body_read_timeout,
                 false,
             )?,
+            send_timeout: parse_duration("server.send_timeout", &raw.server.send_timeout, false)?,
             max_connections: in_range(
                 "server.max_connections",
                 raw.server.max_connections,
@@ -1075,6 +1081,7 @@ mod tests {
         assert_eq!(c.server.worker_threads, None);
         assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.server.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(10));
         assert_eq!(c.server.max_connections, 4096);
         assert_eq!(c.server.max_connections_per_ip, 256);
         assert_eq!(c.server.max_request_head_bytes, 16384);
@@ -1357,6 +1364,10 @@ mod tests {
             (
                 "[server]\nidle_timeout = \"0s\"",
                 &["server.idle_timeout", "\"0s\"", "greater than zero"],
+            ),
+            (
+                "[server]\nsend_timeout = \"0s\"",
+                &["server.send_timeout", "\"0s\"", "greater than zero"],
             ),
             (
                 "[server]\nworker_threads = 0",

@@ -58,6 +58,9 @@ pub struct ServeOptions {
     /// A connection with no request in flight for this long is closed gracefully (HTTP/2:
     /// GOAWAY), in seconds.
     pub idle_timeout: Duration,
+    /// A response the client has taken nothing of for this long (it stopped reading) gets its
+    /// connection closed, in seconds.
+    pub send_timeout: Duration,
     /// Client connections open at once; past it a new connection is closed at once.
     pub max_connections: usize,
     /// Client connections open at once from one address (an IPv6 address by its /64); past it
@@ -81,6 +84,7 @@ impl ServeOptions {
             header_read_timeout,
             shutdown_grace,
             idle_timeout: header_read_timeout,
+            send_timeout: header_read_timeout,
             max_connections: 64,
             max_connections_per_ip: 16,
             max_request_head_bytes: 16 * 1024,
@@ -165,34 +169,53 @@ impl Drop for Slot {
 }
 
 /// Requests in flight on one connection and when the last one ended, for the idle timeout; and
-/// the responses that must be finished by a deadline, for cutting off a client that stops
-/// reading.
-#[derive(Default)]
+/// the responses being sent, for cutting off a client that stops reading (`send_timeout`) or
+/// has not taken a response by its deadline.
 struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds from `epoch` at which the connection last went without a request.
     idle_since_ms: AtomicU64,
     epoch: std::sync::OnceLock<Instant>,
+    /// How long a response may wait for the client to take its next part.
+    send_timeout: Duration,
     /// Responses still being sent, with their deadlines (a response is finished once its
     /// `Weak` is dead). Pruned on every registration and every look.
     responses: Mutex<Responses>,
     registered: tokio::sync::Notify,
 }
 
-/// The responses a connection is sending, and whether its watcher has a timer armed (then a new
-/// response, whose deadline is never earlier, needs no wake-up: one per `request_timeout` at
-/// most, not one per request).
+/// The responses a connection is sending, and the instant its watcher's timer is armed for, if
+/// any (a new response whose deadline is not earlier needs no wake-up: the armed timer is never
+/// more than `send_timeout` away, and no response can be cut sooner than that after it starts).
 #[derive(Default)]
 struct Responses {
-    watched: Vec<(Instant, std::sync::Weak<()>)>,
-    armed: bool,
+    watched: Vec<(Instant, std::sync::Weak<Stall>)>,
+    armed_until: Option<Instant>,
+}
+
+/// Since when (milliseconds from the connection's epoch) a part of one response handed to the
+/// connection has waited for the client to take it; [`NOT_WAITING`] while the connection is
+/// asking for more (the client took the last part) or before the first part.
+struct Stall {
+    since_ms: AtomicU64,
+}
+
+const NOT_WAITING: u64 = u64::MAX;
+
+/// Why [`Activity::overdue`] resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overdue {
+    /// A response was not sent completely by its deadline (`request_timeout`).
+    Deadline,
+    /// A part of a response waited `send_timeout` for the client to read it.
+    SendTimeout,
 }
 
 /// A per-connection handle the service finds in each request's extensions: it registers
-/// responses that must be finished by a deadline. When one is not, the connection is closed at
-/// once, whatever the client reads (HTTP/1.1: the socket; HTTP/2: every stream of the
-/// connection), so a client that stops reading cannot hold its response, nor the upstream
-/// connection behind it, past the deadline.
+/// responses that must be finished by a deadline. When one is not, or when the client takes
+/// nothing of one for `send_timeout`, the connection is closed at once, whatever the client
+/// reads (HTTP/1.1: the socket; HTTP/2: every stream of the connection), so a client that stops
+/// reading cannot hold its response, nor the upstream connection behind it.
 #[derive(Clone)]
 pub struct ConnectionControl {
     activity: Arc<Activity>,
@@ -204,17 +227,45 @@ impl std::fmt::Debug for ConnectionControl {
     }
 }
 
-/// A response registered with [`ConnectionControl::finish_by`]: finished when dropped.
-#[derive(Debug)]
+/// A response registered with [`ConnectionControl::finish_by`]: finished when dropped. The
+/// response body reports through it when it hands a part to the connection
+/// ([`ResponseWatch::handed_over`]) and when the connection asks for the next
+/// ([`ResponseWatch::taken`]): between the two, the client is not reading.
 pub struct ResponseWatch {
-    _alive: Arc<()>,
+    stall: Arc<Stall>,
+    activity: Arc<Activity>,
+}
+
+impl std::fmt::Debug for ResponseWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseWatch").finish_non_exhaustive()
+    }
+}
+
+impl ResponseWatch {
+    /// A part of the response was handed to the connection: from now on it waits for the
+    /// client to read.
+    pub fn handed_over(&self) {
+        self.stall
+            .since_ms
+            .store(self.activity.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The connection asked for the next part: the client took the previous one (or the
+    /// response is waiting for the upstream, which `request_timeout` bounds).
+    pub fn taken(&self) {
+        self.stall.since_ms.store(NOT_WAITING, Ordering::Relaxed);
+    }
 }
 
 impl ConnectionControl {
-    /// Registers a response that must be sent completely by `deadline`. Keep the returned
-    /// watch as long as the response is being sent; drop it when it is finished.
+    /// Registers a response that must be sent completely by `deadline`, and whose client must
+    /// keep reading (`send_timeout`). Keep the returned watch as long as the response is being
+    /// sent; drop it when it is finished.
     pub fn finish_by(&self, deadline: Instant) -> ResponseWatch {
-        let alive = Arc::new(());
+        let stall = Arc::new(Stall {
+            since_ms: AtomicU64::new(NOT_WAITING),
+        });
         let wake = {
             let mut responses = self
                 .activity
@@ -222,37 +273,74 @@ impl ConnectionControl {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             responses.watched.retain(|(_, w)| w.strong_count() > 0);
-            responses.watched.push((deadline, Arc::downgrade(&alive)));
-            !responses.armed
+            responses.watched.push((deadline, Arc::downgrade(&stall)));
+            responses.armed_until.is_none_or(|t| deadline < t)
         };
         if wake {
             self.activity.registered.notify_one();
         }
-        ResponseWatch { _alive: alive }
+        ResponseWatch {
+            stall,
+            activity: self.activity.clone(),
+        }
     }
 }
 
 impl Activity {
-    /// Resolves once a registered response is still being sent at its deadline.
-    async fn overdue(&self) {
+    fn new(send_timeout: Duration) -> Self {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            epoch: std::sync::OnceLock::new(),
+            send_timeout,
+            responses: Mutex::new(Responses::default()),
+            registered: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Resolves once a registered response is still being sent at its deadline, or has waited
+    /// `send_timeout` for its client to read.
+    async fn overdue(&self) -> Overdue {
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
+        let send_timeout_ms = u64::try_from(self.send_timeout.as_millis()).unwrap_or(u64::MAX);
         loop {
             let registered = self.registered.notified();
-            let earliest = {
+            let now = Instant::now();
+            let now_ms = self.now_ms();
+            let mut next: Option<Instant> = None;
+            {
                 let mut responses = self
                     .responses
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 responses.watched.retain(|(_, w)| w.strong_count() > 0);
-                let earliest = responses.watched.iter().map(|(d, _)| *d).min();
-                responses.armed = earliest.is_some();
-                earliest
-            };
-            match earliest {
-                Some(deadline) if deadline <= Instant::now() => return,
-                Some(deadline) => {
-                    timer.as_mut().reset(deadline);
+                for (deadline, stall) in &responses.watched {
+                    let Some(stall) = stall.upgrade() else {
+                        continue;
+                    };
+                    if *deadline <= now {
+                        return Overdue::Deadline;
+                    }
+                    let since = stall.since_ms.load(Ordering::Relaxed);
+                    let check = if since == NOT_WAITING {
+                        // Not waiting now: look again when it could have waited long enough.
+                        now + self.send_timeout
+                    } else {
+                        let waited = now_ms.saturating_sub(since);
+                        if waited >= send_timeout_ms {
+                            return Overdue::SendTimeout;
+                        }
+                        now + Duration::from_millis(send_timeout_ms - waited)
+                    };
+                    let at = check.min(*deadline);
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+                responses.armed_until = next;
+            }
+            match next {
+                Some(at) => {
+                    timer.as_mut().reset(at);
                     tokio::select! {
                         () = &mut timer => {}
                         () = registered => {}
@@ -480,7 +568,7 @@ where
         // Small request/response messages: send them without Nagle delay.
         let _ = stream.set_nodelay(true);
         let worker = workers.assign();
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new(opts.send_timeout));
         let service = Counted {
             inner: make_service(peer, worker.index),
             activity: activity.clone(),
@@ -545,8 +633,15 @@ where
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
-                    () = activity.overdue() => {
-                        tracing::debug!("a response was not sent by its deadline; connection closed");
+                    why = activity.overdue() => {
+                        match why {
+                            Overdue::Deadline => tracing::debug!(
+                                "a response was not sent by its deadline; connection closed"
+                            ),
+                            Overdue::SendTimeout => tracing::debug!(
+                                "the client read nothing of a response for send_timeout; connection closed"
+                            ),
+                        }
                         break;
                     }
                     () = activity.idle_for(opts.idle_timeout), if !closing => {

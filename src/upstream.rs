@@ -287,9 +287,11 @@ impl Replay {
     }
 }
 
-/// Whether the upstream closed or reset the connection before any byte of an answer: the
+/// Whether the upstream closed or reset the connection before a complete answer head: the
 /// stale keep-alive race (the upstream closed an idle pooled connection as the request was
-/// written). Timeouts, TLS and connect failures are not.
+/// written). hyper reports a cut inside the head like one before it (`IncompleteMessage`, or
+/// the reset itself), so a partly received head counts too, as in nginx's
+/// `proxy_next_upstream error`. Timeouts, TLS and connect failures are not.
 fn closed_before_answering(e: &UpstreamError) -> bool {
     let UpstreamError::Failed {
         kind: FailureKind::Protocol,

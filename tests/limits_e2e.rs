@@ -380,3 +380,80 @@ async fn a_connection_still_sending_a_response_is_not_idle() {
     assert_eq!(again.status(), 200);
     assert!(!conn.is_finished());
 }
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_for_send_timeout_is_cut_off_long_before_the_deadline() {
+    let (url, released) = upstream_endless().await;
+    let mut config = support::config_for(&url);
+    // The whole-exchange deadline is far away; only send_timeout can end this.
+    config.server.request_timeout = Duration::from_secs(60);
+    config.server.send_timeout = Duration::from_millis(500);
+    let gw = support::Gateway::start(config).await;
+    // HTTP/1.1: reads the head and a little of the body, then stops.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(n > 0);
+    assert!(
+        await_flag(&released, Duration::from_secs(5)).await,
+        "the upstream connection was still held 5 s into a 500 ms send_timeout (HTTP/1.1)"
+    );
+    // HTTP/2: the stream's window stays closed.
+    let (url, released) = upstream_endless().await;
+    let mut config = support::config_for(&url);
+    config.server.request_timeout = Duration::from_secs(60);
+    config.server.send_timeout = Duration::from_millis(500);
+    let gw = support::Gateway::start(config).await;
+    let (mut sender, conn) = h2_connect(gw.addr).await;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(format!("{}/big", gw.url()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("answered");
+    assert_eq!(resp.status(), 200);
+    assert!(
+        await_flag(&released, Duration::from_secs(5)).await,
+        "the upstream connection was still held 5 s into a 500 ms send_timeout (HTTP/2)"
+    );
+    drop(resp);
+}
+
+#[tokio::test]
+async fn a_client_that_keeps_reading_is_not_cut_by_send_timeout() {
+    let (url, released) = upstream_endless().await;
+    let mut config = support::config_for(&url);
+    config.server.request_timeout = Duration::from_secs(60);
+    config.server.send_timeout = Duration::from_millis(1500);
+    let gw = support::Gateway::start(config).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    // Reads 64 KiB every 20 ms for 3 s (two send timeouts), pausing between reads. The gateway
+    // sees the client's progress only when its socket's send buffer has room again (Linux:
+    // half of it free), so the pace is one that shows progress well within send_timeout.
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0usize;
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("a read within 2 s")
+            .expect("the connection is still open");
+        assert!(n > 0, "cut off after {got} bytes while reading steadily");
+        got += n;
+    }
+    assert!(
+        !released.load(std::sync::atomic::Ordering::SeqCst),
+        "the upstream connection was released while the client was still reading ({got} bytes)"
+    );
+}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_github;
+pub mod faulty_relay;
 pub mod logs;
 pub mod tls;
 
