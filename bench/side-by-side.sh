@@ -395,7 +395,7 @@ GWT_PORT=$(free_port)
 GWT_ADMIN=$(free_port)
 
 # The idle-connection test opens IDLE_CONNECTIONS connections from 127.0.0.1 alone: the
-# gateway's connection limits (server.max_connections 4096, max_connections_per_ip 256) would
+# gateway's connection limits (server.max_connections 2048, max_connections_per_ip 256) would
 # refuse most of them, so they are raised to fit (unless GATEWAY_SERVER_EXTRA sets them, or the
 # binary predates them: an older gateway rejects unknown keys, so its --check-config decides).
 GATEWAY_LIMIT_LINES=

@@ -199,6 +199,113 @@ impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
     }
 }
 
+/// Memory for request bodies being read before forwarding, shared by every worker: at most
+/// `total` bytes in all and `per_address` bytes for one client address (an IPv6 address by its
+/// /64, as `server.max_connections_per_ip`), held from the first byte read until the request
+/// is answered. Without it, one client could park up to 64 KiB in every HTTP/2 stream of
+/// every connection it may open (256 connections x 100 streams x 64 KiB = 1.6 GiB) for
+/// `body_read_timeout`.
+#[derive(Debug)]
+pub struct BodyBudget {
+    total: usize,
+    per_address: usize,
+    used: std::sync::Mutex<BudgetUse>,
+}
+
+#[derive(Debug, Default)]
+struct BudgetUse {
+    total: usize,
+    by_address: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// Which share of a [`BodyBudget`] a body would have gone past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetExceeded {
+    /// The client address's (`server.max_buffered_body_bytes_per_ip`): that client is sending
+    /// too many bodies at once.
+    Address,
+    /// The whole gateway's (`server.max_buffered_body_bytes`).
+    Total,
+}
+
+impl BodyBudget {
+    /// A budget of `total` bytes, at most `per_address` of them for one client address.
+    pub fn new(total: usize, per_address: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(BodyBudget {
+            total,
+            per_address,
+            used: std::sync::Mutex::new(BudgetUse::default()),
+        })
+    }
+
+    /// An empty charge for a body from `peer`, to grow as its bytes arrive.
+    pub fn charge(self: &std::sync::Arc<Self>, peer: std::net::IpAddr) -> BodyCharge {
+        BodyCharge {
+            budget: self.clone(),
+            key: crate::limiter::address_key(peer),
+            bytes: 0,
+        }
+    }
+
+    /// Bytes held now, in all (for tests and metrics).
+    pub fn in_use(&self) -> usize {
+        self.lock().total
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetUse> {
+        self.used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Bytes of one request body held against a [`BodyBudget`]; given back when dropped.
+#[derive(Debug)]
+pub struct BodyCharge {
+    budget: std::sync::Arc<BodyBudget>,
+    key: std::net::IpAddr,
+    bytes: usize,
+}
+
+impl BodyCharge {
+    /// Holds `n` more bytes.
+    ///
+    /// # Errors
+    /// [`BudgetExceeded`] when the address's share or the total would go past its limit; then
+    /// nothing more is held.
+    pub fn grow(&mut self, n: usize) -> Result<(), BudgetExceeded> {
+        let budget = &self.budget;
+        let mut used = budget.lock();
+        let mine = used.by_address.get(&self.key).copied().unwrap_or(0);
+        if mine + n > budget.per_address {
+            return Err(BudgetExceeded::Address);
+        }
+        if used.total + n > budget.total {
+            return Err(BudgetExceeded::Total);
+        }
+        used.total += n;
+        used.by_address.insert(self.key, mine + n);
+        self.bytes += n;
+        Ok(())
+    }
+}
+
+impl Drop for BodyCharge {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        let mut used = self.budget.lock();
+        used.total -= self.bytes;
+        if let Some(mine) = used.by_address.get_mut(&self.key) {
+            *mine -= self.bytes;
+            if *mine == 0 {
+                used.by_address.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// A client's request body as far as it was read before forwarding. Its `Debug` shows lengths
 /// only.
 pub enum ReadBody<B> {
@@ -230,20 +337,27 @@ pub enum ReadBodyError {
     /// The client broke it off or broke its framing.
     #[error("the request body could not be read")]
     Broken(#[source] Box<dyn StdError + Send + Sync>),
+    /// Holding it would go past the memory for bodies being read ([`BodyBudget`]).
+    #[error("no memory left for request bodies ({0:?})")]
+    OverBudget(BudgetExceeded),
 }
 
 /// Reads `body` completely when it ends within `buffer` bytes, by `deadline`; a body declared
 /// longer than `buffer` is not read here, and one found longer is returned started. Trailers
 /// of a buffered body are dropped (no GitHub API call sends any).
 ///
+/// Every byte read is held against `charge` (keep it until the request is answered).
+///
 /// # Errors
 /// [`ReadBodyError::TimedOut`] when `deadline` passes first, [`ReadBodyError::TooLarge`] past
-/// `limit` bytes, [`ReadBodyError::Broken`] when the client breaks the body.
+/// `limit` bytes, [`ReadBodyError::Broken`] when the client breaks the body,
+/// [`ReadBodyError::OverBudget`] when `charge` cannot grow.
 pub async fn read_request_body<B>(
     mut body: B,
     buffer: usize,
     limit: u64,
     deadline: Instant,
+    charge: &mut BodyCharge,
 ) -> Result<ReadBody<B>, ReadBodyError>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -267,6 +381,7 @@ where
                 Some(Err(e)) => return Err(ReadBodyError::Broken(e.into())),
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
+                        charge.grow(data.len()).map_err(ReadBodyError::OverBudget)?;
                         read.extend_from_slice(&data);
                         if read.len() as u64 > limit {
                             return Err(ReadBodyError::TooLarge);
@@ -307,6 +422,65 @@ mod tests {
         }
     }
 
+    fn unlimited() -> BodyCharge {
+        BodyBudget::new(1 << 20, 1 << 20).charge(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    #[test]
+    fn a_body_charge_is_held_to_the_address_share_and_the_total_and_given_back_when_dropped() {
+        let budget = BodyBudget::new(100, 60);
+        let a: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+        let b: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+        let mut first = budget.charge(a);
+        first.grow(40).unwrap();
+        let mut second = budget.charge(a);
+        // The address's share: 40 + 30 > 60.
+        assert_eq!(second.grow(30), Err(BudgetExceeded::Address));
+        second.grow(20).unwrap();
+        let mut other = budget.charge(b);
+        // The total: 60 + 50 > 100, though b's share has room.
+        assert_eq!(other.grow(50), Err(BudgetExceeded::Total));
+        other.grow(40).unwrap();
+        assert_eq!(budget.in_use(), 100);
+        drop(first);
+        assert_eq!(budget.in_use(), 60);
+        // a's share is free again up to 60.
+        let mut third = budget.charge(a);
+        third.grow(0).unwrap();
+        assert_eq!(third.grow(41), Err(BudgetExceeded::Address));
+        drop((second, other, third));
+        assert_eq!(budget.in_use(), 0);
+        // IPv6 addresses share their /64's share.
+        let budget = BodyBudget::new(100, 60);
+        let mut x = budget.charge("2001:db8::1".parse().unwrap());
+        x.grow(50).unwrap();
+        let mut y = budget.charge("2001:db8::ffff".parse().unwrap());
+        assert_eq!(y.grow(20), Err(BudgetExceeded::Address));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_over_the_budget_is_refused_while_it_is_read() {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
+        tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
+        drop(tx);
+        let budget = BodyBudget::new(1000, 15);
+        let mut charge = budget.charge(std::net::Ipv4Addr::LOCALHOST.into());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = read_request_body(ChannelBody(rx), 64, 1000, deadline, &mut charge).await;
+        assert!(matches!(
+            got,
+            Err(ReadBodyError::OverBudget(BudgetExceeded::Address))
+        ));
+        assert_eq!(
+            budget.in_use(),
+            10,
+            "the first chunk stays held until the charge is dropped"
+        );
+        drop(charge);
+        assert_eq!(budget.in_use(), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn body_that_outlives_the_deadline_fails() {
         let (tx, rx) = mpsc::channel(1);
@@ -331,14 +505,14 @@ mod tests {
         tx.send(Bytes::from_static(b"\"t\"}")).await.unwrap();
         drop(tx);
         let deadline = Instant::now() + Duration::from_secs(5);
-        match read_request_body(ChannelBody(rx), 64, 1000, deadline).await {
+        match read_request_body(ChannelBody(rx), 64, 1000, deadline, &mut unlimited()).await {
             Ok(ReadBody::Whole(b)) => assert_eq!(b, "{\"access_token\":\"t\"}"),
             other => panic!("{other:?}"),
         }
         // One chunk, then nothing: the deadline passes.
         let (tx, rx) = mpsc::channel(4);
         tx.send(Bytes::from_static(b"{")).await.unwrap();
-        let got = read_request_body(ChannelBody(rx), 64, 1000, deadline).await;
+        let got = read_request_body(ChannelBody(rx), 64, 1000, deadline, &mut unlimited()).await;
         assert!(matches!(got, Err(ReadBodyError::TimedOut)), "{got:?}");
         assert!(Instant::now() >= deadline);
         drop(tx);
@@ -353,7 +527,7 @@ mod tests {
         drop(tx);
         let deadline = Instant::now() + Duration::from_secs(5);
         let Ok(ReadBody::Started(prefix, rest)) =
-            read_request_body(ChannelBody(rx), 15, 1000, deadline).await
+            read_request_body(ChannelBody(rx), 15, 1000, deadline, &mut unlimited()).await
         else {
             panic!("a body longer than the buffer is started");
         };
@@ -370,7 +544,7 @@ mod tests {
             tx.send(Bytes::from_static(b"0123456789")).await.unwrap();
         }
         drop(tx);
-        let got = read_request_body(ChannelBody(rx), 64, 25, deadline).await;
+        let got = read_request_body(ChannelBody(rx), 64, 25, deadline, &mut unlimited()).await;
         assert!(matches!(got, Err(ReadBodyError::TooLarge)), "{got:?}");
     }
 

@@ -71,6 +71,14 @@ pub struct ServerConfig {
     /// being sent is cut off (HTTP/1.1: the connection is closed; HTTP/2: the connection, every
     /// stream), and the upstream connection behind it released. nginx's `send_timeout`.
     pub send_timeout: Duration,
+    /// Memory for request bodies being read before forwarding, in bytes, for all clients
+    /// together (`server.max_buffered_body_bytes`); past it a body gets 503. From 65,536 to
+    /// 4 GiB.
+    pub max_buffered_body_bytes: usize,
+    /// The same for one client address, an IPv6 address by its /64
+    /// (`server.max_buffered_body_bytes_per_ip`); past it a body gets 429. From 65,536 to
+    /// `max_buffered_body_bytes`.
+    pub max_buffered_body_bytes_per_ip: usize,
     /// Client connections open at once on the proxy listener (`server.max_connections`); past
     /// it a new connection is closed at once. From 1 to 1,000,000.
     pub max_connections: usize,
@@ -476,6 +484,18 @@ impl Config {
                 false,
             )?,
             send_timeout: parse_duration("server.send_timeout", &raw.server.send_timeout, false)?,
+            max_buffered_body_bytes: in_range(
+                "server.max_buffered_body_bytes",
+                raw.server.max_buffered_body_bytes,
+                MIN_BUFFERED_BODY_BYTES,
+                MAX_BUFFERED_BODY_BYTES,
+            )?,
+            max_buffered_body_bytes_per_ip: in_range(
+                "server.max_buffered_body_bytes_per_ip",
+                raw.server.max_buffered_body_bytes_per_ip,
+                MIN_BUFFERED_BODY_BYTES,
+                raw.server.max_buffered_body_bytes,
+            )?,
             max_connections: in_range(
                 "server.max_connections",
                 raw.server.max_connections,
@@ -806,6 +826,10 @@ const MAX_CLIENT_IDS_LIMIT: usize = 100_000;
 
 /// Largest `server.max_connections`.
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
+/// Bounds of `server.max_buffered_body_bytes` (and the per-address share): one whole buffered
+/// body (64 KiB) at least, 4 GiB at most.
+const MIN_BUFFERED_BODY_BYTES: usize = 64 * 1024;
+const MAX_BUFFERED_BODY_BYTES: usize = 4 << 30;
 
 fn in_range(key: &'static str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
     if value < min || value > max {
@@ -1082,7 +1106,9 @@ mod tests {
         assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.server.body_read_timeout, Duration::from_secs(10));
         assert_eq!(c.server.send_timeout, Duration::from_secs(10));
-        assert_eq!(c.server.max_connections, 4096);
+        assert_eq!(c.server.max_connections, 2048);
+        assert_eq!(c.server.max_buffered_body_bytes, 16 << 20);
+        assert_eq!(c.server.max_buffered_body_bytes_per_ip, 1 << 20);
         assert_eq!(c.server.max_connections_per_ip, 256);
         assert_eq!(c.server.max_request_head_bytes, 16384);
         assert_eq!(c.server.max_request_headers, 100);
@@ -1368,6 +1394,14 @@ mod tests {
             (
                 "[server]\nsend_timeout = \"0s\"",
                 &["server.send_timeout", "\"0s\"", "greater than zero"],
+            ),
+            (
+                "[server]\nmax_buffered_body_bytes = 1000000\nmax_buffered_body_bytes_per_ip = 2000000",
+                &[
+                    "server.max_buffered_body_bytes_per_ip",
+                    "2000000",
+                    "from 65536 to 1000000",
+                ],
             ),
             (
                 "[server]\nworker_threads = 0",

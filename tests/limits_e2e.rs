@@ -457,3 +457,104 @@ async fn a_client_that_keeps_reading_is_not_cut_by_send_timeout() {
         "the upstream connection was released while the client was still reading ({got} bytes)"
     );
 }
+
+#[tokio::test]
+async fn bodies_held_past_an_address_share_are_refused_429_while_other_addresses_are_served() {
+    let (url, count) = support::upstream_counting(201, Duration::ZERO).await;
+    let mut config = support::config_for(&url);
+    // One address may hold 64 KiB of bodies being read; the gateway 1 MiB.
+    config.server.max_buffered_body_bytes_per_ip = 64 * 1024;
+    config.server.max_buffered_body_bytes = 1 << 20;
+    let gw = support::Gateway::start(config).await;
+    let head = "POST /gists HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 60000\r\n\r\n";
+    // 127.0.0.2 starts a 60,000-byte body, sends 40,000 bytes of it, and stalls.
+    let mut first = connect_from("127.0.0.2", gw.addr).await;
+    first.write_all(head.as_bytes()).await.unwrap();
+    first.write_all(&[b' '; 40_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A second body from the same address goes past its 64 KiB share: 429 at once.
+    let mut second = connect_from("127.0.0.2", gw.addr).await;
+    second.write_all(head.as_bytes()).await.unwrap();
+    second.write_all(&[b' '; 40_000]).await.unwrap();
+    let refused = response_head(&mut second).await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(
+        refused.to_ascii_lowercase().contains("retry-after: 1"),
+        "{refused}"
+    );
+    // Another address is served meanwhile, its body read whole and forwarded.
+    let mut other = connect_from("127.0.0.3", gw.addr).await;
+    other
+        .write_all(b"POST /gists HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let served = response_head(&mut other).await;
+    assert!(served.starts_with("HTTP/1.1 201"), "{served}");
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Once the stalled body goes away, its share is free again.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect_from("127.0.0.2", gw.addr).await;
+    again.write_all(head.as_bytes()).await.unwrap();
+    again.write_all(&[b' '; 60_000]).await.unwrap();
+    let served = response_head(&mut again).await;
+    assert!(served.starts_with("HTTP/1.1 201"), "{served}");
+    let m = scrape(&gw).await;
+    assert_eq!(
+        m.get(r#"oauth_apps_gateway_responses_total{route="pass_through",status="429"}"#),
+        Some(&1.0),
+        "{m:?}"
+    );
+}
+
+#[tokio::test]
+async fn one_http2_connection_cannot_park_a_body_in_every_stream() {
+    let (url, count) = support::upstream_counting(201, Duration::ZERO).await;
+    let mut config = support::config_for(&url);
+    config.server.max_buffered_body_bytes_per_ip = 256 * 1024;
+    let gw = support::Gateway::start(config).await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (sender, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut sender = sender.ready().await.expect("ready");
+    // 20 streams, each declaring 60,000 bytes and sending 30,000 of them, then nothing more.
+    let mut answers = Vec::new();
+    let mut bodies = Vec::new();
+    for _ in 0..20 {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}/gists", gw.url()))
+            .header("content-length", "60000")
+            .body(())
+            .unwrap();
+        let (answer, mut body) = sender.send_request(req, false).expect("stream");
+        body.send_data(Bytes::from(vec![b' '; 30_000]), false)
+            .expect("data");
+        answers.push(answer);
+        bodies.push(body);
+        sender = sender.ready().await.expect("ready");
+    }
+    // Every answer waited for at once, for 2 s (body_read_timeout is 10 s).
+    let waits: Vec<_> = answers
+        .into_iter()
+        .map(|answer| {
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(2), answer).await {
+                    Ok(Ok(resp)) => resp.status().as_u16(),
+                    Ok(Err(_)) => 1,
+                    Err(_) => 0, // still being read: held against the budget
+                }
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for w in waits {
+        statuses.push(w.await.expect("wait"));
+    }
+    // 256 KiB hold 8 bodies of 30,000 bytes; the others are refused at once.
+    let held = statuses.iter().filter(|s| **s == 0).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert!(held <= 8 && refused >= 12, "statuses: {statuses:?}");
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 0);
+    drop(bodies);
+}

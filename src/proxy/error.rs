@@ -8,7 +8,7 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 
-use crate::body::ProxyBody;
+use crate::body::{BudgetExceeded, ProxyBody};
 use crate::classify::{ClassifyError, LegacyCall, Operation};
 use crate::limiter::{BlockReason, Blocked, FailureClass, KeyKind};
 use crate::rewrite::InvalidCredential;
@@ -61,6 +61,11 @@ pub enum ProxyError {
     /// Methods are case-sensitive (RFC 9110 §9.1).
     #[error("method name in the wrong case")]
     MethodCase,
+    /// Reading the request body would go past the memory for bodies being read
+    /// (`server.max_buffered_body_bytes_per_ip`: 429; `server.max_buffered_body_bytes`: 503),
+    /// both with `Retry-After: 1`; nothing forwarded.
+    #[error("no memory left for request bodies")]
+    BodyBudget(BudgetExceeded),
     /// The client's request body could not be read: 400.
     #[error("request body could not be read")]
     RequestBody,
@@ -120,6 +125,8 @@ impl From<&ProxyError> for StatusCode {
             } => StatusCode::GONE,
             ProxyError::Brownout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BodyBudget(BudgetExceeded::Address) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BodyBudget(BudgetExceeded::Total) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(FailureKind::Timeout) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::ShutDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -146,6 +153,12 @@ impl ProxyError {
                 format!("Request body too large: the gateway accepts at most {limit} bytes.")
             }
             ProxyError::RequestBody => "Bad request: the request body could not be read.".into(),
+            ProxyError::BodyBudget(BudgetExceeded::Address) => {
+                "Too many requests: this client address is sending too many request bodies at once; nothing was sent upstream. Retry after 1 second.".into()
+            }
+            ProxyError::BodyBudget(BudgetExceeded::Total) => {
+                "Service unavailable: the gateway is reading too many request bodies at once; nothing was sent upstream. Retry after 1 second.".into()
+            }
             ProxyError::BadTarget(why) => format!("Bad request: {why}."),
             ProxyError::ServerOptions => String::new(),
             ProxyError::RequestTimeout => {
@@ -253,6 +266,11 @@ impl ProxyError {
         if let ProxyError::MethodNotAllowed = &self {
             resp.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+        }
+        if let ProxyError::BodyBudget(_) = &self {
+            // RFC 6585 §4 (429), RFC 9110 §15.6.4 (503): when to try again.
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let ProxyError::Brownout {
             retry_after_secs: Some(secs),

@@ -66,6 +66,9 @@ pub struct ProxySettings {
     pub max_detached_exchanges: usize,
     /// Scheduled brownout windows (`[[migration.brownouts]]`).
     pub brownouts: Vec<Brownout>,
+    /// Memory for request bodies being read before forwarding, shared by every worker
+    /// (`server.max_buffered_body_bytes`, `server.max_buffered_body_bytes_per_ip`).
+    pub body_budget: Arc<body::BodyBudget>,
 }
 
 impl From<&Config> for ProxySettings {
@@ -83,6 +86,10 @@ impl From<&Config> for ProxySettings {
                 .then(|| DeprecationHeaders::new(&m.deprecation)),
             max_detached_exchanges: c.server.max_detached_exchanges,
             brownouts: m.brownouts.clone(),
+            body_budget: body::BodyBudget::new(
+                c.server.max_buffered_body_bytes,
+                c.server.max_buffered_body_bytes_per_ip,
+            ),
         }
     }
 }
@@ -226,7 +233,9 @@ impl Proxy {
         };
         // A body small enough is read whole before the gate and the upstream, so a client that
         // sends slowly holds neither a gate slot nor an upstream connection; a rewritten call's
-        // own body is discarded unread.
+        // own body is discarded unread. What is read is held against the body budget until
+        // this call is answered.
+        let mut body_charge = settings.body_budget.charge(peer.ip());
         let body = match forward.json_body {
             Some(_) => ReadBody::Whole(bytes::Bytes::new()),
             None => {
@@ -235,6 +244,7 @@ impl Proxy {
                     body::BUFFERED_BODY_BYTES,
                     settings.max_request_body_bytes,
                     Instant::now() + settings.body_read_timeout,
+                    &mut body_charge,
                 );
                 let read = tokio::select! {
                     r = read => Some(r),
@@ -251,6 +261,10 @@ impl Proxy {
                         },
                         Outcome::Answered,
                     )),
+                    Some(Err(ReadBodyError::OverBudget(share))) => {
+                        tracing::debug!(?share, "no memory left for request bodies");
+                        Err((ProxyError::BodyBudget(share), Outcome::Answered))
+                    }
                     Some(Err(ReadBodyError::Broken(e))) => {
                         tracing::debug!(error = %e, "request body could not be read");
                         Err((ProxyError::RequestBody, Outcome::Answered))
@@ -302,7 +316,9 @@ impl Proxy {
             connection: parts.extensions.get::<ConnectionControl>().cloned(),
         };
         let upstream_req = exchange::build(parts, body, forward, &inner.upstream, settings);
-        exchange::run(inner.clone(), upstream_req, pending).await
+        let answered = exchange::run(inner.clone(), upstream_req, pending).await;
+        drop(body_charge);
+        answered
     }
 
     /// Ends every request still open: each is answered 503 (when its client is still there) and
