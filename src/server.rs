@@ -620,6 +620,7 @@ where
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let mut closing = false;
+            let mut closing_idle = false;
             loop {
                 tokio::select! {
                     ended = conn.as_mut() => {
@@ -648,6 +649,13 @@ where
                         tracing::debug!("connection idle for idle_timeout; closing");
                         conn.as_mut().graceful_shutdown();
                         closing = true;
+                        closing_idle = true;
+                    }
+                    // HTTP/2's graceful close waits for the client to answer a PING; one that
+                    // never does gets header_read_timeout, then the connection is dropped.
+                    () = activity.idle_for(opts.idle_timeout + opts.header_read_timeout), if closing_idle => {
+                        tracing::debug!("idle connection did not finish closing; dropped");
+                        break;
                     }
                 }
             }

@@ -29,6 +29,10 @@ use tokio::time::Instant;
 use crate::body::Prefixed;
 use crate::config::UpstreamConfig;
 
+/// Largest upstream read buffer of an HTTP/1.1 connection, in bytes: answer heads and body
+/// parts are read through it (hyper's minimum is 8 KiB; GitHub's answer heads are a few KiB).
+const UPSTREAM_READ_BUF_BYTES: usize = 64 * 1024;
+
 /// Body of a request sent upstream: a body built by the gateway (a rewritten call) or read whole
 /// from the client, or the client's own body streamed through under the size limit (after the
 /// bytes already read).
@@ -177,6 +181,10 @@ impl Upstream {
             // Retries only requests that were never written to a connection (a pooled
             // connection found closed before use); a written request is never sent twice.
             .retry_canceled_requests(true)
+            // An answer is read in parts of at most this much (hyper's default lets a buffer
+            // grow to ~400 KiB, and a part waiting for a slow client keeps its whole buffer
+            // alive: 200 slow readers took RSS past 128 MiB). Also the largest answer head.
+            .http1_max_buf_size(UPSTREAM_READ_BUF_BYTES)
             .build(connector);
 
         let (scheme, authority) = match (cfg.url.scheme(), cfg.url.authority()) {

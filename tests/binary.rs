@@ -5,64 +5,25 @@
 mod support;
 
 use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use http::Method;
 use support::{CLIENT_ID, CLIENT_SECRET, FakeGithub, call_as_app};
 
-const BIN: &str = env!("CARGO_BIN_EXE_oauth-apps-gateway");
-
-async fn free_port() -> u16 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// The binary running with a config file in a temp dir.
-struct Running {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
+use support::binary::Running;
 
 /// Starts the binary forwarding to `upstream` with JSON logs and `shutdown_grace`, and waits
 /// until it listens.
 async fn start(upstream: &str, shutdown_grace: &str) -> Running {
-    let port = free_port().await;
-    let admin_port = free_port().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = {shutdown_grace:?}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[upstream]\nurl = {upstream:?}\n[log]\nformat = \"json\"\n",
-        ),
+    support::binary::start(
+        upstream,
+        &format!("shutdown_grace = {shutdown_grace:?}\n"),
+        "[log]\nformat = \"json\"\n",
+        Stdio::piped(),
+        Stdio::piped(),
     )
-    .unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Running {
-                child,
-                url: format!("http://127.0.0.1:{port}"),
-                _dir: dir,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("gateway binary did not start listening");
+    .await
 }
 
 /// Sends SIGTERM and returns the exit status and everything written to stdout.

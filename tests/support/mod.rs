@@ -2,6 +2,7 @@
 //! spawner on 127.0.0.1:0 and small HTTP clients. Nothing here reaches beyond 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod fake_github;
 pub mod faulty_relay;
 pub mod logs;
