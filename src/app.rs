@@ -96,7 +96,8 @@ pub fn check(config: &Config) -> Result<(), AppError> {
 }
 
 /// Runs the gateway on `listeners` until `shutdown` resolves: then `/readyz` turns 503, the
-/// proxy listener stops accepting and drains within `server.shutdown_grace`, and the admin
+/// proxy listener keeps serving for `server.shutdown_delay` (cut short by a second SIGTERM or
+/// SIGINT), then stops accepting and drains within `server.shutdown_grace`, and the admin
 /// listener stops last. Reports how the proxy drain ended.
 ///
 /// # Errors
@@ -235,9 +236,22 @@ pub async fn run_with_clock(
         })
     };
     let drain_started = std::sync::OnceLock::new();
+    let shutdown_delay = config.server.shutdown_delay;
     let drain_signal = async {
         shutdown.await;
         readiness.set_draining();
+        if !shutdown_delay.is_zero() {
+            tracing::info!(
+                delay_seconds = shutdown_delay.as_secs_f64(),
+                "shutdown: not ready; still serving for shutdown_delay before draining"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(shutdown_delay) => {}
+                () = shutdown_signal() => {
+                    tracing::info!("shutdown: second signal; shutdown_delay cut short");
+                }
+            }
+        }
         let _ = drain_started.set(tokio::time::Instant::now());
     };
     let outcome = server::serve(

@@ -50,6 +50,11 @@ pub struct ServerConfig {
     pub max_request_body_bytes: u64,
     /// Longest wait for in-flight requests after SIGTERM/SIGINT (`server.shutdown_grace`).
     pub shutdown_grace: Duration,
+    /// After SIGTERM/SIGINT, how long the gateway keeps accepting and serving while `/readyz`
+    /// already answers 503, before the drain starts (`server.shutdown_delay`, 0 by default):
+    /// time for a load balancer or Kubernetes to take it out of rotation. A second signal ends
+    /// the delay.
+    pub shutdown_delay: Duration,
     /// Calls to the OAuth Applications API seen through to the upstream's answer after their
     /// client went away, at most at once (`server.max_detached_exchanges`). Past it, such a call
     /// is dropped at once and charged as a failure of each quota it was held to.
@@ -458,6 +463,11 @@ impl Config {
             shutdown_grace: parse_duration(
                 "server.shutdown_grace",
                 &raw.server.shutdown_grace,
+                true,
+            )?,
+            shutdown_delay: parse_duration(
+                "server.shutdown_delay",
+                &raw.server.shutdown_delay,
                 true,
             )?,
             max_detached_exchanges: at_most(
@@ -1106,6 +1116,7 @@ mod tests {
         assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.server.body_read_timeout, Duration::from_secs(10));
         assert_eq!(c.server.send_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.shutdown_delay, Duration::ZERO);
         assert_eq!(c.server.max_connections, 2048);
         assert_eq!(c.server.max_buffered_body_bytes, 16 << 20);
         assert_eq!(c.server.max_buffered_body_bytes_per_ip, 1 << 20);

@@ -27,12 +27,18 @@ async fn start(upstream: &str, shutdown_grace: &str) -> Running {
 }
 
 /// Sends SIGTERM and returns the exit status and everything written to stdout.
-async fn terminate(mut running: Running) -> (ExitStatus, String) {
+async fn terminate(running: Running) -> (ExitStatus, String) {
     let status = Command::new("kill")
         .args(["-TERM", &running.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+    exit_of(running).await
+}
+
+/// Waits (10 s at most) for the binary to exit; its exit status and everything written to
+/// stdout.
+async fn exit_of(mut running: Running) -> (ExitStatus, String) {
     let exit = tokio::task::spawn_blocking(move || {
         let exit = running.child.wait().unwrap();
         let mut out = String::new();
@@ -134,4 +140,55 @@ async fn a_call_still_open_when_the_grace_period_ends_is_answered_503_and_logged
     assert_eq!(access.len(), 1, "{out}");
     assert_eq!(access[0]["outcome"], "shutdown");
     assert_eq!(access[0]["status"], 503);
+}
+
+/// `server.shutdown_delay`: after SIGTERM `/readyz` answers 503 at once while calls are still
+/// served on new connections; a second SIGTERM ends the delay, and the process drains and exits.
+#[tokio::test]
+async fn shutdown_delay_keeps_serving_while_not_ready_and_a_second_sigterm_ends_it() {
+    let gh = FakeGithub::start().await;
+    gh.add_app(CLIENT_ID, CLIENT_SECRET);
+    let token = gh.issue_token(CLIENT_ID, "octocat");
+    let running = support::binary::start(
+        &gh.url(),
+        "shutdown_delay = \"60s\"\nshutdown_grace = \"5s\"\n",
+        "[log]\nformat = \"json\"\n",
+        Stdio::piped(),
+        Stdio::piped(),
+    )
+    .await;
+    let url = running.url.clone();
+    let readyz = format!("http://{}/readyz", running.admin_addr);
+    assert_eq!(support::get(&readyz).await.status, 200);
+    let pid = running.child.id().to_string();
+    let kill = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    kill("-TERM");
+    // Not ready at once ...
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while support::get(&readyz).await.status != 503 {
+        assert!(tokio::time::Instant::now() < until, "/readyz still 200");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... while a legacy call on a new connection is still served, a second later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let a = call_as_app(
+        Method::GET,
+        &format!("{url}/applications/{CLIENT_ID}/tokens/{token}"),
+    )
+    .await;
+    assert_eq!(a.status, 200, "served during shutdown_delay");
+    // A second SIGTERM ends the 60 s delay: the process drains and exits within seconds.
+    kill("-TERM");
+    let (status, out) = exit_of(running).await;
+    assert!(status.success(), "{status:?}");
+    assert!(out.contains("shutdown_delay cut short"), "{out}");
+    assert!(out.contains("shutdown: drain completed"), "{out}");
 }

@@ -470,3 +470,23 @@ async fn connect_is_refused_without_contacting_the_upstream() {
     assert!(resp.contains("\"documentation_url\""), "{resp}");
     assert_eq!(gh.request_count(), 0);
 }
+
+#[tokio::test]
+async fn shutdown_delay_serves_new_connections_while_not_ready_then_drains() {
+    let (_gh, mut gw) = setup_with(|c| c.server.shutdown_delay = Duration::from_millis(1200)).await;
+    let readyz = format!("{}/readyz", gw.admin_url());
+    let task = gw.begin_shutdown().expect("gateway task");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(get(&readyz).await.status, 503, "not ready at once");
+    // Still accepting and serving: a new connection, a pass-through call.
+    let a = get(&format!("{}/headers", gw.url())).await;
+    assert_eq!(a.status, 200, "served during shutdown_delay");
+    assert!(!task.is_finished());
+    // Then the drain: done within the delay plus a little, and the listener gone.
+    let outcome = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("drained after the delay")
+        .expect("join");
+    assert_eq!(outcome, DrainOutcome::Completed);
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
+}
