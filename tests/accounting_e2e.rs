@@ -226,7 +226,11 @@ async fn a_call_cut_off_by_the_end_of_the_grace_period_is_answered_503_and_logge
 #[tokio::test]
 async fn a_pass_through_call_whose_client_hangs_up_is_abandoned_and_logged_499() {
     let (_guard, logs) = capture(LogFormat::Text, LevelFilter::INFO);
-    let (gw, reached) = slow_404().await;
+    // An upstream that never answers within the test: however late the gateway notices the
+    // hang-up on a loaded machine, no answer can come first (with the 1 s upstream, a CI run
+    // recorded the upstream's 404 instead of 499).
+    let (url, reached) = support::upstream_counting(404, Duration::from_secs(30)).await;
+    let gw = Gateway::start(config_for(&url)).await;
     let client = h2c_client();
     let url = format!("{}/user", gw.url());
     let user = tokio::spawn(async move { call(&client, Method::GET, &url, &[], "").await });
