@@ -1473,10 +1473,27 @@ async fn slow_bodies_are_answered_408_and_the_upstream_never_contacted() {
         latest.as_secs_f64()
     );
     summary.assert_probe_answered_and_memory_bounded();
+    // Every slow body is answered 408, never 504 and never anything else. A few may see their
+    // 408 lost to a reset instead: the gateway closes the connection after the 408 while the
+    // client is still trickling its body in, and unread bytes at close make the kernel send
+    // RST, which can overtake the answer (no lingering close; one in 500 in a CI run).
+    let answered = statuses
+        .get("HTTP/1.1 408 Request Timeout")
+        .copied()
+        .unwrap_or(0);
+    let reset = statuses
+        .iter()
+        .filter(|(k, _)| k.contains("Connection reset by peer"))
+        .map(|(_, n)| *n)
+        .sum::<usize>();
     assert_eq!(
-        statuses.get("HTTP/1.1 408 Request Timeout"),
-        Some(&CONNS),
-        "every slow body answered 408 (not 504): {statuses:?}"
+        answered + reset,
+        CONNS,
+        "every slow body answered 408 (not 504) or reset: {statuses:?}"
+    );
+    assert!(
+        answered * 100 >= CONNS * 99,
+        "fewer than 99 % of slow bodies saw their 408: {statuses:?}"
     );
     assert!(
         latest <= BODY_READ_TIMEOUT + SLACK,
