@@ -394,7 +394,8 @@ fn display_path(path: &Option<PathBuf>) -> String {
 }
 
 impl Config {
-    /// Reads and validates the TOML file at `path`.
+    /// Reads and validates the TOML file at `path`. A relative `upstream.ca_file` is resolved
+    /// against the directory of `path`.
     ///
     /// # Errors
     /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Syntax`] for bad TOML,
@@ -405,7 +406,14 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml_str(&text).map_err(|e| e.with_path(path))
+        let mut config = Self::from_toml_str(&text).map_err(|e| e.with_path(path))?;
+        // A relative path in the file means relative to the file, not to the working directory.
+        if let Some(ca_file) = config.upstream.ca_file.as_mut()
+            && ca_file.is_relative()
+        {
+            *ca_file = path.parent().unwrap_or(Path::new("")).join(&*ca_file);
+        }
+        Ok(config)
     }
 
     /// Parses and validates TOML text (no file name in errors).
@@ -418,10 +426,11 @@ impl Config {
                 .span()
                 .map(|s| line_column(text, s.start))
                 .unwrap_or((1, 1));
+            let value = err.span().and_then(|s| text.get(s));
             ConfigError::Syntax {
                 path: PathBuf::new(),
                 key_prefix,
-                message: err.message().trim_end().to_owned(),
+                message: in_file_terms(err.message().trim_end(), value),
                 line,
                 column,
             }
@@ -797,6 +806,29 @@ fn quoted(s: &str) -> String {
 }
 
 /// 1-based line and character column of byte offset `at` in `text`.
+/// serde's wording for a value of the wrong type, put in the file's terms: Rust's unsigned
+/// types become "a non-negative whole number", and an unquoted TOML date or time where a string
+/// is expected says to quote it. `value` is the text of the value in the file, when known.
+fn in_file_terms(message: &str, value: Option<&str>) -> String {
+    if let Some(v) = value.map(str::trim)
+        && message.starts_with("invalid type: map, expected a string")
+        && v.as_bytes().first().is_some_and(u8::is_ascii_digit)
+    {
+        return format!(
+            "{v} is an unquoted TOML date or time; this key takes a quoted string, like \"{v}\""
+        );
+    }
+    let mut message = message.to_owned();
+    for unsigned in ["u8", "u16", "u32", "u64", "usize"] {
+        let rust = format!("expected {unsigned}");
+        if message.ends_with(&rust) {
+            message.truncate(message.len() - rust.len());
+            message.push_str("expected a non-negative whole number");
+        }
+    }
+    message
+}
+
 fn line_column(text: &str, at: usize) -> (usize, usize) {
     let before = &text[..at.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -1571,9 +1603,41 @@ mod tests {
     }
 
     #[test]
+    fn wrong_types_are_named_in_the_files_terms() {
+        // A negative number where a count is expected: no Rust type names.
+        let msg = err("[server]\nmax_request_headers = -5\n");
+        assert!(msg.contains("server.max_request_headers"), "{msg}");
+        assert!(msg.contains("a non-negative whole number"), "{msg}");
+        assert!(!msg.contains("u32") && !msg.contains("usize"), "{msg}");
+        // An unquoted date where a string is expected: say to quote it.
+        let msg = err("[migration]\nsunset_date = 2027-06-30\n");
+        assert!(msg.contains("migration.sunset_date"), "{msg}");
+        assert!(msg.contains("quoted string, like \"2027-06-30\""), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
     fn syntax_errors_have_line_and_column() {
         let msg = err("[server]\nlisten = \"127.0.0.1:1\n");
         assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn a_relative_ca_file_is_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "[upstream]\nca_file = \"certs/ghe.pem\"\n").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(
+            c.upstream.ca_file.as_deref(),
+            Some(dir.path().join("certs/ghe.pem").as_path())
+        );
+        std::fs::write(&path, "[upstream]\nca_file = \"/etc/ghe.pem\"\n").unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(
+            c.upstream.ca_file.as_deref(),
+            Some(Path::new("/etc/ghe.pem"))
+        );
     }
 
     #[test]

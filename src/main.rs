@@ -44,7 +44,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                eprintln!("error: {}: {e}", cli.config.display());
                 ExitCode::from(2)
             }
         };
@@ -76,7 +76,11 @@ fn main() -> ExitCode {
         Ok(DrainOutcome::TimedOut) => ExitCode::FAILURE,
         Err(e) => {
             tracing::error!(error = %e, "gateway failed");
-            eprintln!("error: {e}");
+            match e {
+                // A file the config names (upstream.ca_file): say which config named it.
+                app::AppError::Upstream(_) => eprintln!("error: {}: {e}", cli.config.display()),
+                _ => eprintln!("error: {e}"),
+            }
             match e {
                 app::AppError::Upstream(_)
                 | app::AppError::Metrics(_)

@@ -58,7 +58,7 @@ fn check_config_rejects_bad_files_naming_the_key() {
         ),
         (
             &*format!("[upstream]\nca_file = {:?}\n", ca.display().to_string()),
-            vec!["upstream.ca_file", "ca.pem", "no CERTIFICATE"],
+            vec!["bad.toml", "upstream.ca_file", "ca.pem", "no CERTIFICATE"],
         ),
     ];
     for (text, wanted) in cases {
