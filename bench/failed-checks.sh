@@ -43,7 +43,10 @@ for tool in curl ss python3 timeout; do
 done
 
 if [[ $BUILD == 1 ]]; then
-    (cd "$ROOT" && cargo build --release --locked --bin oauth-apps-gateway --example fake-github) ||
+    # Two builds: together, the example's dev-dependencies would give the gateway tokio's
+    # `test-util` (a mutex on every clock read).
+    (cd "$ROOT" && cargo build --release --locked --bin oauth-apps-gateway &&
+        cargo build --release --locked --example fake-github) ||
         die "cargo build failed"
 fi
 [[ -x $GATEWAY_BIN ]] || die "gateway binary not found: $GATEWAY_BIN (build it, or pass its path)"
