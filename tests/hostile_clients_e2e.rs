@@ -34,6 +34,11 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use support::h2raw::{
+    ACK, CONTINUATION, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, PREFACE, RST_STREAM,
+    SETTINGS, h2_frame, hpack_int, hpack_literal,
+};
+
 /// Issue 10's documented ceiling for the gateway's resident memory under attack.
 const RSS_CEILING_MIB: f64 = 128.0;
 
@@ -712,56 +717,8 @@ impl Closings {
 
 // HTTP/2 by hand
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEADERS: u8 = 0x1;
-const FRAME_RST_STREAM: u8 = 0x3;
-const FRAME_SETTINGS: u8 = 0x4;
-const FRAME_PING: u8 = 0x6;
-const FRAME_GOAWAY: u8 = 0x7;
-const FRAME_CONTINUATION: u8 = 0x9;
-const FLAG_END_STREAM: u8 = 0x1;
-const FLAG_ACK: u8 = 0x1;
-const FLAG_END_HEADERS: u8 = 0x4;
 const CANCEL: u32 = 0x8;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
-
-/// One HTTP/2 frame (RFC 9113 §4.1).
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap();
-    assert!(len < 1 << 24);
-    let mut f = Vec::with_capacity(9 + payload.len());
-    f.extend_from_slice(&len.to_be_bytes()[1..]);
-    f.push(kind);
-    f.push(flags);
-    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An HPACK integer with an `n`-bit prefix whose other bits are `flags` (RFC 7541 §5.1).
-fn hpack_int(out: &mut Vec<u8>, flags: u8, n: u32, mut value: usize) {
-    let max = (1usize << n) - 1;
-    if value < max {
-        out.push(flags | value as u8);
-        return;
-    }
-    out.push(flags | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
-}
-
-/// A "literal header field without indexing, new name" (RFC 7541 §6.2.2), no Huffman.
-fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.push(0x00);
-    hpack_int(out, 0, 7, name.len());
-    out.extend_from_slice(name.as_bytes());
-    hpack_int(out, 0, 7, value.len());
-    out.extend_from_slice(value.as_bytes());
-}
 
 /// Reads HTTP/2 frames from `rd` until the peer closes the connection (or `until`): whether a
 /// GOAWAY came first (and its error code), and whether and when (from `since`) the connection
@@ -797,7 +754,7 @@ async fn h2_read_until_closed(
                 break;
             }
             let (kind, flags, payload) = (buf[3], buf[4], &buf[9..9 + len]);
-            if kind == FRAME_GOAWAY && len >= 8 && end.goaway.is_none() {
+            if kind == GOAWAY && len >= 8 && end.goaway.is_none() {
                 end.goaway = Some(u32::from_be_bytes([
                     payload[4], payload[5], payload[6], payload[7],
                 ]));
@@ -807,12 +764,8 @@ async fn h2_read_until_closed(
             }
             if let Some(wr) = answer.as_mut() {
                 let ack = match kind {
-                    FRAME_SETTINGS if flags & FLAG_ACK == 0 => {
-                        Some(h2_frame(FRAME_SETTINGS, FLAG_ACK, 0, &[]))
-                    }
-                    FRAME_PING if flags & FLAG_ACK == 0 => {
-                        Some(h2_frame(FRAME_PING, FLAG_ACK, 0, payload))
-                    }
+                    SETTINGS if flags & ACK == 0 => Some(h2_frame(SETTINGS, ACK, 0, &[])),
+                    PING if flags & ACK == 0 => Some(h2_frame(PING, ACK, 0, payload)),
                     _ => None,
                 };
                 if let Some(ack) = ack {
@@ -871,7 +824,7 @@ async fn rapid_reset_connection(
         h2_read_until_closed(&mut rd, since, deadline + SLACK, Some(&seen), None).await
     });
     let mut opening = PREFACE.to_vec();
-    opening.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+    opening.extend(h2_frame(SETTINGS, 0, 0, &[]));
     let block = get_block("/slow");
     let mut sent = 0usize;
     let mut id = 1u32;
@@ -879,13 +832,8 @@ async fn rapid_reset_connection(
     while ok && sent < quota && Instant::now() < deadline {
         let mut batch = Vec::new();
         for _ in 0..50 {
-            batch.extend(h2_frame(
-                FRAME_HEADERS,
-                FLAG_END_STREAM | FLAG_END_HEADERS,
-                id,
-                &block,
-            ));
-            batch.extend(h2_frame(FRAME_RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+            batch.extend(h2_frame(HEADERS, END_STREAM | END_HEADERS, id, &block));
+            batch.extend(h2_frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
             id += 2;
         }
         ok = send(&mut wr, &batch).await;
@@ -915,10 +863,10 @@ async fn h2_rapid_reset_is_answered_with_goaway_and_leaves_the_probe_and_upstrea
         .await
         .unwrap();
     let mut hello = PREFACE.to_vec();
-    hello.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+    hello.extend(h2_frame(SETTINGS, 0, 0, &[]));
     hello.extend(h2_frame(
-        FRAME_HEADERS,
-        FLAG_END_STREAM | FLAG_END_HEADERS,
+        HEADERS,
+        END_STREAM | END_HEADERS,
         1,
         &get_block("/slow"),
     ));
@@ -1025,7 +973,7 @@ async fn h2_streams_reset_after_forwarding_leave_no_work_behind() {
                     .await
             });
             let mut opening = PREFACE.to_vec();
-            opening.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+            opening.extend(h2_frame(SETTINGS, 0, 0, &[]));
             assert!(send(&mut wr, &opening).await, "preface");
             let path = format!("/slow/c{c}");
             let block = get_block(&format!("{path}?ms=3000"));
@@ -1033,9 +981,9 @@ async fn h2_streams_reset_after_forwarding_leave_no_work_behind() {
             for round in 1..=ROUNDS {
                 let (mut heads, mut resets) = (Vec::new(), Vec::new());
                 for _ in 0..STREAMS {
-                    let flags = FLAG_END_STREAM | FLAG_END_HEADERS;
-                    heads.extend(h2_frame(FRAME_HEADERS, flags, id, &block));
-                    resets.extend(h2_frame(FRAME_RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
+                    let flags = END_STREAM | END_HEADERS;
+                    heads.extend(h2_frame(HEADERS, flags, id, &block));
+                    resets.extend(h2_frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()));
                     id += 2;
                 }
                 if !send(&mut wr, &heads).await {
@@ -1116,12 +1064,12 @@ async fn a_continuation_flood_is_cut_off_after_a_bounded_amount_of_data() {
     let mut fields = Vec::new();
     let value = "v".repeat(100);
     for i in 0..36 {
-        hpack_literal(&mut fields, &format!("x-flood-{i:03}"), &value);
+        hpack_literal(&mut fields, format!("x-flood-{i:03}"), &value);
     }
-    let continuation = Arc::new(h2_frame(FRAME_CONTINUATION, 0, 1, &fields));
+    let continuation = Arc::new(h2_frame(CONTINUATION, 0, 1, &fields));
     let mut opening = PREFACE.to_vec();
-    opening.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
-    opening.extend(h2_frame(FRAME_HEADERS, FLAG_END_STREAM, 1, &headers));
+    opening.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    opening.extend(h2_frame(HEADERS, END_STREAM, 1, &headers));
     let opening = Arc::new(opening);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..CONNS {
@@ -1291,7 +1239,7 @@ async fn idle_h2_attack(attack: &'static str, answer_pings: bool) {
     let watch = arena.watch().await;
     const CONNS: usize = 1_000;
     let mut hello = PREFACE.to_vec();
-    hello.extend(h2_frame(FRAME_SETTINGS, 0, 0, &[]));
+    hello.extend(h2_frame(SETTINGS, 0, 0, &[]));
     let conns = connect_many(CONNS, 200, arena.addr(), None, &hello).await;
     let mut set = tokio::task::JoinSet::new();
     for (c, since) in conns {

@@ -50,6 +50,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
+use support::h2raw::{
+    ACK, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, PREFACE, RST_STREAM, SETTINGS,
+    h2_frame, hpack_literal,
+};
 use support::{CLIENT_ID, Gateway, basic_auth, config_for};
 
 /// Stands for a case's tag in raw request text; as long as a tag (three bytes), so lengths
@@ -2023,53 +2027,12 @@ async fn http2_requests_downgraded_to_http1_carry_no_smuggled_framing_and_go_now
 // ---------------------------------------------------------------------------------------------
 // HTTP/2 as raw frames: what the h2 crate will not send
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).expect("small frame");
-    let mut v = len.to_be_bytes()[1..].to_vec();
-    v.push(kind);
-    v.push(flags);
-    v.extend_from_slice(&stream.to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1), `first` holding the pattern bits.
-fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut value: usize) {
-    let max = (1usize << n) - 1;
-    if value < max {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
-}
-
 /// A header block of literal fields without indexing, new names, no Huffman (RFC 7541 §6.2.2):
 /// any bytes at all, CR and LF included.
 fn hpack_block(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, value) in fields {
-        out.push(0x00);
-        hpack_int(&mut out, 0, 7, name.len());
-        out.extend_from_slice(name);
-        hpack_int(&mut out, 0, 7, value.len());
-        out.extend_from_slice(value);
+        hpack_literal(&mut out, name, value);
     }
     out
 }
@@ -2182,11 +2145,11 @@ async fn run_raw_h2(
         return out;
     };
     let mut wire = PREFACE.to_vec();
-    wire.extend(frame(SETTINGS, 0, 0, &[]));
+    wire.extend(h2_frame(SETTINGS, 0, 0, &[]));
     let flags = END_HEADERS | if data.is_none() { END_STREAM } else { 0 };
-    wire.extend(frame(HEADERS, flags, 1, &hpack_block(fields)));
+    wire.extend(h2_frame(HEADERS, flags, 1, &hpack_block(fields)));
     if let Some(d) = data {
-        wire.extend(frame(DATA, END_STREAM, 1, d));
+        wire.extend(h2_frame(DATA, END_STREAM, 1, d));
     }
     if s.write_all(&wire).await.is_err() {
         out.closed = true;
@@ -2208,10 +2171,10 @@ async fn run_raw_h2(
             got.drain(..9 + len);
             match kind {
                 SETTINGS if flags & ACK == 0 => {
-                    let _ = s.write_all(&frame(SETTINGS, ACK, 0, &[])).await;
+                    let _ = s.write_all(&h2_frame(SETTINGS, ACK, 0, &[])).await;
                 }
                 PING if flags & ACK == 0 => {
-                    let _ = s.write_all(&frame(PING, ACK, 0, &payload)).await;
+                    let _ = s.write_all(&h2_frame(PING, ACK, 0, &payload)).await;
                 }
                 HEADERS if stream == 1 => {
                     out.status.get_or_insert(hpack_status(&payload));

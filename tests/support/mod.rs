@@ -5,6 +5,7 @@
 pub mod binary;
 pub mod fake_github;
 pub mod faulty_relay;
+pub mod h2raw;
 pub mod logs;
 pub mod tls;
 
