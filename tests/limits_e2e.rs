@@ -299,19 +299,52 @@ async fn await_flag(flag: &std::sync::atomic::AtomicBool, within: Duration) -> b
     false
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_cut_off_at_the_deadline_and_the_upstream_released() {
+/// A gateway in front of [`upstream_endless`] with `request_timeout` and `send_timeout`, and
+/// the upstream's `released` flag.
+async fn endless_gateway(
+    request_timeout: Duration,
+    send_timeout: Duration,
+) -> (
+    support::Gateway,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let (url, released) = upstream_endless().await;
     let mut config = support::config_for(&url);
-    config.server.request_timeout = Duration::from_millis(800);
-    let gw = support::Gateway::start(config).await;
-    // HTTP/1.1: the client sends its request and never reads.
+    config.server.request_timeout = request_timeout;
+    config.server.send_timeout = send_timeout;
+    (support::Gateway::start(config).await, released)
+}
+
+/// An HTTP/1.1 `GET /big` to `addr` from a socket with a `recv_buffer`-byte receive buffer.
+async fn h1_get_big(addr: std::net::SocketAddr, recv_buffer: u32) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut s = socket.connect(gw.addr).await.unwrap();
+    socket.set_recv_buffer_size(recv_buffer).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
     s.write_all(b"GET /big HTTP/1.1\r\nhost: gw\r\n\r\n")
         .await
         .unwrap();
+    s
+}
+
+/// An HTTP/2 `GET /big` to `gw` whose body is never read (the stream's window stays closed);
+/// the response is kept open until dropped.
+async fn h2_get_big_unread(gw: &support::Gateway) -> hyper::Response<hyper::body::Incoming> {
+    let (mut sender, conn) = h2_connect(gw.addr).await;
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(format!("{}/big", gw.url()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("answered");
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_at_the_deadline_and_the_upstream_released() {
+    let (gw, released) = endless_gateway(Duration::from_millis(800), Duration::from_secs(10)).await;
+    // HTTP/1.1: the client sends its request and never reads.
+    let mut s = h1_get_big(gw.addr, 4096).await;
     assert!(
         await_flag(&released, Duration::from_secs(5)).await,
         "the upstream connection was still held 5 s after the deadline (HTTP/1.1)"
@@ -330,19 +363,8 @@ async fn a_client_that_stops_reading_is_cut_off_at_the_deadline_and_the_upstream
 
 #[tokio::test]
 async fn an_http2_client_that_stops_reading_is_cut_off_at_the_deadline() {
-    let (url, released) = upstream_endless().await;
-    let mut config = support::config_for(&url);
-    config.server.request_timeout = Duration::from_millis(800);
-    let gw = support::Gateway::start(config).await;
-    let (mut sender, conn) = h2_connect(gw.addr).await;
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .uri(format!("{}/big", gw.url()))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    // The head arrives; the body is never read, so the stream's window stays closed.
-    let resp = sender.send_request(req).await.expect("answered");
-    assert_eq!(resp.status(), 200);
+    let (gw, released) = endless_gateway(Duration::from_millis(800), Duration::from_secs(10)).await;
+    let resp = h2_get_big_unread(&gw).await;
     assert!(
         await_flag(&released, Duration::from_secs(5)).await,
         "the upstream connection was still held 5 s after the deadline (HTTP/2)"
@@ -383,19 +405,10 @@ async fn a_connection_still_sending_a_response_is_not_idle() {
 
 #[tokio::test]
 async fn a_client_that_reads_nothing_for_send_timeout_is_cut_off_long_before_the_deadline() {
-    let (url, released) = upstream_endless().await;
-    let mut config = support::config_for(&url);
-    // The whole-exchange deadline is far away; only send_timeout can end this.
-    config.server.request_timeout = Duration::from_secs(60);
-    config.server.send_timeout = Duration::from_millis(500);
-    let gw = support::Gateway::start(config).await;
+    // The whole-exchange deadline is far away; only send_timeout can end these.
+    let (gw, released) = endless_gateway(Duration::from_secs(60), Duration::from_millis(500)).await;
     // HTTP/1.1: reads the head and a little of the body, then stops.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut s = socket.connect(gw.addr).await.unwrap();
-    s.write_all(b"GET /big HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = h1_get_big(gw.addr, 4096).await;
     let mut buf = vec![0u8; 4096];
     let n = s.read(&mut buf).await.unwrap();
     assert!(n > 0);
@@ -404,19 +417,8 @@ async fn a_client_that_reads_nothing_for_send_timeout_is_cut_off_long_before_the
         "the upstream connection was still held 5 s into a 500 ms send_timeout (HTTP/1.1)"
     );
     // HTTP/2: the stream's window stays closed.
-    let (url, released) = upstream_endless().await;
-    let mut config = support::config_for(&url);
-    config.server.request_timeout = Duration::from_secs(60);
-    config.server.send_timeout = Duration::from_millis(500);
-    let gw = support::Gateway::start(config).await;
-    let (mut sender, conn) = h2_connect(gw.addr).await;
-    tokio::spawn(conn);
-    let req = Request::builder()
-        .uri(format!("{}/big", gw.url()))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = sender.send_request(req).await.expect("answered");
-    assert_eq!(resp.status(), 200);
+    let (gw, released) = endless_gateway(Duration::from_secs(60), Duration::from_millis(500)).await;
+    let resp = h2_get_big_unread(&gw).await;
     assert!(
         await_flag(&released, Duration::from_secs(5)).await,
         "the upstream connection was still held 5 s into a 500 ms send_timeout (HTTP/2)"
@@ -426,17 +428,9 @@ async fn a_client_that_reads_nothing_for_send_timeout_is_cut_off_long_before_the
 
 #[tokio::test]
 async fn a_client_that_keeps_reading_is_not_cut_by_send_timeout() {
-    let (url, released) = upstream_endless().await;
-    let mut config = support::config_for(&url);
-    config.server.request_timeout = Duration::from_secs(60);
-    config.server.send_timeout = Duration::from_millis(1500);
-    let gw = support::Gateway::start(config).await;
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(64 * 1024).unwrap();
-    let mut s = socket.connect(gw.addr).await.unwrap();
-    s.write_all(b"GET /big HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
+    let (gw, released) =
+        endless_gateway(Duration::from_secs(60), Duration::from_millis(1500)).await;
+    let mut s = h1_get_big(gw.addr, 64 * 1024).await;
     // Reads 64 KiB every 20 ms for 3 s (two send timeouts), pausing between reads. The gateway
     // sees the client's progress only when its socket's send buffer has room again (Linux:
     // half of it free), so the pace is one that shows progress well within send_timeout.
