@@ -131,14 +131,16 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let mut hint = self.inner.size_hint();
-        if let Some(rest) = &self.rest {
-            let extra = rest.len() as u64;
-            let upper = hint.upper().map(|u| u + extra);
-            hint.set_lower(hint.lower() + extra);
-            if let Some(upper) = upper {
-                hint.set_upper(upper);
-            }
+        let inner = self.inner.size_hint();
+        let Some(rest) = &self.rest else {
+            return inner;
+        };
+        // Built anew, lower first (`set_lower` asserts it is not above the upper bound).
+        let extra = rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(extra));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(extra));
         }
         hint
     }
@@ -242,7 +244,9 @@ impl BodyBudget {
     pub fn charge(self: &std::sync::Arc<Self>, peer: std::net::IpAddr) -> BodyCharge {
         BodyCharge {
             budget: self.clone(),
-            key: crate::limiter::address_key(peer),
+            // An IPv4 peer on a dual-stack listener arrives as ::ffff:a.b.c.d: keyed as IPv4,
+            // not by the /64 every such peer shares.
+            key: crate::limiter::address_key(peer.to_canonical()),
             bytes: 0,
         }
     }
@@ -274,6 +278,11 @@ impl BodyCharge {
     /// [`BudgetExceeded`] when the address's share or the total would go past its limit; then
     /// nothing more is held.
     pub fn grow(&mut self, n: usize) -> Result<(), BudgetExceeded> {
+        if n == 0 {
+            // Nothing to hold (an empty DATA frame): no entry for the address either, which
+            // only a charge of more than nothing removes.
+            return Ok(());
+        }
         let budget = &self.budget;
         let mut used = budget.lock();
         let mine = used.by_address.get(&self.key).copied().unwrap_or(0);
@@ -450,6 +459,18 @@ mod tests {
         assert_eq!(third.grow(41), Err(BudgetExceeded::Address));
         drop((second, other, third));
         assert_eq!(budget.in_use(), 0);
+        // An empty chunk holds nothing and leaves no entry behind.
+        let mut empty = budget.charge("127.0.0.9".parse().unwrap());
+        empty.grow(0).unwrap();
+        drop(empty);
+        assert!(budget.lock().by_address.is_empty());
+        // An IPv4 peer seen through a dual-stack listener is keyed as IPv4, not by ::/64.
+        let mut mapped = budget.charge("::ffff:127.0.0.2".parse().unwrap());
+        mapped.grow(60).unwrap();
+        let mut other = budget.charge("::ffff:127.0.0.3".parse().unwrap());
+        other.grow(40).unwrap();
+        drop((mapped, other));
+        assert!(budget.lock().by_address.is_empty());
         // IPv6 addresses share their /64's share.
         let budget = BodyBudget::new(100, 60);
         let mut x = budget.charge("2001:db8::1".parse().unwrap());

@@ -77,11 +77,11 @@ pub struct ServerConfig {
     /// stream), and the upstream connection behind it released. nginx's `send_timeout`.
     pub send_timeout: Duration,
     /// Memory for request bodies being read before forwarding, in bytes, for all clients
-    /// together (`server.max_buffered_body_bytes`); past it a body gets 503. From 65,536 to
+    /// together (`server.max_buffered_body_bytes`); past it a body gets 503. From 131,072 to
     /// 4 GiB.
     pub max_buffered_body_bytes: usize,
     /// The same for one client address, an IPv6 address by its /64
-    /// (`server.max_buffered_body_bytes_per_ip`); past it a body gets 429. From 65,536 to
+    /// (`server.max_buffered_body_bytes_per_ip`); past it a body gets 429. From 131,072 to
     /// `max_buffered_body_bytes`.
     pub max_buffered_body_bytes_per_ip: usize,
     /// Client connections open at once on the proxy listener (`server.max_connections`); past
@@ -805,7 +805,6 @@ fn quoted(s: &str) -> String {
     format!("{s:?}")
 }
 
-/// 1-based line and character column of byte offset `at` in `text`.
 /// serde's wording for a value of the wrong type, put in the file's terms: Rust's unsigned
 /// types become "a non-negative whole number", and an unquoted TOML date or time where a string
 /// is expected says to quote it. `value` is the text of the value in the file, when known.
@@ -829,6 +828,7 @@ fn in_file_terms(message: &str, value: Option<&str>) -> String {
     message
 }
 
+/// 1-based line and character column of byte offset `at` in `text`.
 fn line_column(text: &str, at: usize) -> (usize, usize) {
     let before = &text[..at.min(text.len())];
     let line = before.matches('\n').count() + 1;
@@ -868,9 +868,10 @@ const MAX_CLIENT_IDS_LIMIT: usize = 100_000;
 
 /// Largest `server.max_connections`.
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
-/// Bounds of `server.max_buffered_body_bytes` (and the per-address share): one whole buffered
-/// body (64 KiB) at least, 4 GiB at most.
-const MIN_BUFFERED_BODY_BYTES: usize = 64 * 1024;
+/// Bounds of `server.max_buffered_body_bytes` (and the per-address share): at least twice the
+/// 64 KiB read whole before forwarding (a longer body is charged until more than 64 KiB has
+/// arrived, then streamed), 4 GiB at most.
+const MIN_BUFFERED_BODY_BYTES: usize = 2 * crate::body::BUFFERED_BODY_BYTES;
 const MAX_BUFFERED_BODY_BYTES: usize = 4 << 30;
 
 fn in_range(key: &'static str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
@@ -1443,7 +1444,7 @@ mod tests {
                 &[
                     "server.max_buffered_body_bytes_per_ip",
                     "2000000",
-                    "from 65536 to 1000000",
+                    "from 131072 to 1000000",
                 ],
             ),
             (

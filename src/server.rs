@@ -528,6 +528,10 @@ where
         .max_concurrent_streams(opts.http2_max_concurrent_streams)
         .max_header_list_size(u32::try_from(opts.max_request_head_bytes).unwrap_or(u32::MAX))
         .initial_stream_window_size(H2_STREAM_WINDOW)
+        // A response part is handed to h2 as soon as the stream has room for one byte; h2
+        // buffers up to this much of it per stream (hyper's default: 400 KiB), so the 16 KiB
+        // parts bound memory per stream and send_timeout starts counting early.
+        .max_send_buf_size(2 * crate::body::SEND_PART_BYTES)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .keep_alive_interval(Some(H2_PING_INTERVAL))
         .keep_alive_timeout(H2_PING_TIMEOUT);

@@ -456,21 +456,25 @@ async fn a_client_that_keeps_reading_is_not_cut_by_send_timeout() {
 async fn bodies_held_past_an_address_share_are_refused_429_while_other_addresses_are_served() {
     let (url, count) = support::upstream_counting(201, Duration::ZERO).await;
     let mut config = support::config_for(&url);
-    // One address may hold 64 KiB of bodies being read; the gateway 1 MiB.
-    config.server.max_buffered_body_bytes_per_ip = 64 * 1024;
+    // One address may hold 128 KiB (the least allowed) of bodies being read; the gateway 1 MiB.
+    config.server.max_buffered_body_bytes_per_ip = 128 * 1024;
     config.server.max_buffered_body_bytes = 1 << 20;
     let gw = support::Gateway::start(config).await;
     let head = "POST /gists HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 60000\r\n\r\n";
-    // 127.0.0.2 starts a 60,000-byte body, sends 40,000 bytes of it, and stalls.
-    let mut first = connect_from("127.0.0.2", gw.addr).await;
-    first.write_all(head.as_bytes()).await.unwrap();
-    first.write_all(&[b' '; 40_000]).await.unwrap();
+    // 127.0.0.2 starts two 60,000-byte bodies, sends 50,000 bytes of each, and stalls.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect_from("127.0.0.2", gw.addr).await;
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&[b' '; 50_000]).await.unwrap();
+        stalled.push(s);
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // A second body from the same address goes past its 64 KiB share: 429 at once.
-    let mut second = connect_from("127.0.0.2", gw.addr).await;
-    second.write_all(head.as_bytes()).await.unwrap();
-    second.write_all(&[b' '; 40_000]).await.unwrap();
-    let refused = response_head(&mut second).await;
+    // A third body from the same address goes past its 128 KiB share: 429 at once.
+    let mut third = connect_from("127.0.0.2", gw.addr).await;
+    third.write_all(head.as_bytes()).await.unwrap();
+    third.write_all(&[b' '; 50_000]).await.unwrap();
+    let refused = response_head(&mut third).await;
     assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
     assert!(
         refused.to_ascii_lowercase().contains("retry-after: 1"),
@@ -485,8 +489,8 @@ async fn bodies_held_past_an_address_share_are_refused_429_while_other_addresses
     let served = response_head(&mut other).await;
     assert!(served.starts_with("HTTP/1.1 201"), "{served}");
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
-    // Once the stalled body goes away, its share is free again.
-    drop(first);
+    // Once a stalled body goes away, its part of the share is free again.
+    drop(stalled.pop());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut again = connect_from("127.0.0.2", gw.addr).await;
     again.write_all(head.as_bytes()).await.unwrap();

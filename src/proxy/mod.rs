@@ -235,16 +235,18 @@ impl Proxy {
         // sends slowly holds neither a gate slot nor an upstream connection; a rewritten call's
         // own body is discarded unread. What is read is held against the body budget until
         // this call is answered.
-        let mut body_charge = settings.body_budget.charge(peer.ip());
+        let mut body_charge = None;
         let body = match forward.json_body {
             Some(_) => ReadBody::Whole(bytes::Bytes::new()),
+            None if http_body::Body::is_end_stream(&body) => ReadBody::Whole(bytes::Bytes::new()),
             None => {
+                let charge = body_charge.insert(settings.body_budget.charge(peer.ip()));
                 let read = body::read_request_body(
                     body,
                     body::BUFFERED_BODY_BYTES,
                     settings.max_request_body_bytes,
                     Instant::now() + settings.body_read_timeout,
-                    &mut body_charge,
+                    charge,
                 );
                 let read = tokio::select! {
                     r = read => Some(r),
