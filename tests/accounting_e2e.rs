@@ -65,6 +65,14 @@ const TOKEN_FAILURES: &str =
 
 /// After one revoke whose client hung up: charged, counted and logged exactly once.
 async fn assert_accounted_once(gw: &Gateway, reached: &AtomicUsize, logs: &Capture) {
+    // The charge and the call's own record are written at different moments: wait for the
+    // record's last series (after `responses_total`), then for the charge.
+    await_series(
+        gw,
+        "oauth_apps_gateway_interrupted_requests_total{outcome=\"client_gone\",route=\"legacy\"}",
+        1.0,
+    )
+    .await;
     let m = await_series(gw, TOKEN_FAILURES, 1.0).await;
     assert_eq!(
         reached.load(Ordering::SeqCst),
