@@ -65,6 +65,17 @@ impl<B> DeadlineBody<B> {
     }
 }
 
+/// `hint` with `extra` bytes more at both bounds. Built anew, lower first: `set_lower` asserts
+/// that it is not above the upper bound already set.
+fn plus(hint: SizeHint, extra: u64) -> SizeHint {
+    let mut sum = SizeHint::new();
+    sum.set_lower(hint.lower().saturating_add(extra));
+    if let Some(upper) = hint.upper() {
+        sum.set_upper(upper.saturating_add(extra));
+    }
+    sum
+}
+
 /// The first [`SEND_PART_BYTES`] of `data`, leaving the remainder (if any) in `rest`.
 fn first_part(mut data: Bytes, rest: &mut Option<Bytes>) -> Bytes {
     if data.len() > SEND_PART_BYTES {
@@ -131,18 +142,8 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
-        let Some(rest) = &self.rest else {
-            return inner;
-        };
-        // Built anew, lower first (`set_lower` asserts it is not above the upper bound).
-        let extra = rest.len() as u64;
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower().saturating_add(extra));
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper.saturating_add(extra));
-        }
-        hint
+        let extra = self.rest.as_ref().map_or(0, |r| r.len() as u64);
+        plus(self.inner.size_hint(), extra)
     }
 }
 
@@ -190,14 +191,8 @@ impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let rest = self.rest.size_hint();
         let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let mut hint = SizeHint::new();
-        hint.set_lower(rest.lower().saturating_add(extra));
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper.saturating_add(extra));
-        }
-        hint
+        plus(self.rest.size_hint(), extra)
     }
 }
 
@@ -500,6 +495,23 @@ mod tests {
         );
         drop(charge);
         assert_eq!(budget.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_long_frame_is_handed_over_in_parts_and_the_size_hint_counts_the_rest() {
+        let data = Bytes::from(vec![b'x'; 40 * 1024]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut body = std::pin::pin!(DeadlineBody::new(Full::new(data), deadline));
+        assert_eq!(body.size_hint().exact(), Some(40 * 1024));
+        let mut parts = Vec::new();
+        while let Some(frame) = body.frame().await {
+            parts.push(frame.unwrap().into_data().unwrap().len());
+            // What is left, in the parts not yet handed over (an exact hint, never a panic).
+            let left = 40 * 1024 - parts.iter().sum::<usize>();
+            assert_eq!(body.size_hint().exact(), Some(left as u64));
+            assert_eq!(body.is_end_stream(), left == 0);
+        }
+        assert_eq!(parts, [16 * 1024, 16 * 1024, 8 * 1024]);
     }
 
     #[tokio::test(start_paused = true)]
