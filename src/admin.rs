@@ -1,9 +1,11 @@
 //! The admin listener's service: `GET /metrics` (Prometheus text format 0.0.4), `GET /livez`,
 //! `GET /readyz` (503 once draining starts) and `GET /legacy-clients` (the client_ids still
 //! making deprecated calls, which library they use and what to upgrade; JSON, or an aligned
-//! table with `?format=text`). Served only on `[admin] listen`, never on the proxy listener, and
-//! never forwards anything.
+//! table with `?format=text`), and `POST /reload` (from a loopback address: reload the
+//! configuration file). Served only on `[admin] listen`, never on the proxy listener, and never
+//! forwards anything.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -13,6 +15,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
+use crate::reload::Reloader;
 
 /// Whether the gateway takes new traffic: true while serving, false once draining starts.
 #[derive(Debug, Clone)]
@@ -46,12 +49,72 @@ impl Default for Readiness {
 pub struct Admin {
     metrics: Arc<Metrics>,
     readiness: Readiness,
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl Admin {
     /// Endpoints reporting `metrics` and `readiness`.
     pub fn new(metrics: Arc<Metrics>, readiness: Readiness) -> Self {
-        Admin { metrics, readiness }
+        Admin {
+            metrics,
+            readiness,
+            reloader: None,
+        }
+    }
+
+    /// The same endpoints, with `POST /reload` reloading through `reloader` (without one,
+    /// `/reload` is 404).
+    pub fn with_reloader(mut self, reloader: Option<Arc<Reloader>>) -> Self {
+        self.reloader = reloader;
+        self
+    }
+
+    /// Answers one admin request from `peer`: `POST /reload` (loopback callers only: 403 from
+    /// any other address) reloads the configuration file and answers 200 with what changed and
+    /// what needs a restart, or 422 with why the file was refused (the running configuration
+    /// stays); everything else as [`Admin::handle`].
+    pub async fn serve<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        if req.uri().path() != "/reload" {
+            return self.handle(&req);
+        }
+        let Some(reloader) = &self.reloader else {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        };
+        if req.method() != Method::POST {
+            let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload\n");
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return resp;
+        }
+        if !peer.ip().to_canonical().is_loopback() {
+            tracing::warn!(peer = %peer.ip(), "POST /reload refused: not from a loopback address");
+            return text(
+                StatusCode::FORBIDDEN,
+                "reload is accepted from a loopback address only\n",
+            );
+        }
+        let (status, body) = match reloader.reload("admin").await {
+            Ok(report) => (
+                StatusCode::OK,
+                serde_json::json!({
+                    "status": "reloaded",
+                    "file": reloader.path().display().to_string(),
+                    "sha256": report.sha256,
+                    "changed": report.changed,
+                    "needs_restart": report.needs_restart,
+                }),
+            ),
+            Err(e) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({
+                    "status": "error",
+                    "message": e.to_string(),
+                }),
+            ),
+        };
+        let mut body = serde_json::to_vec_pretty(&body).unwrap_or_default();
+        body.push(b'\n');
+        with_type(status, body.into(), "application/json")
     }
 
     /// Answers one admin request. `GET` and `HEAD` only; anything else is 404.
@@ -195,5 +258,47 @@ mod tests {
         a.readiness.set_draining();
         assert_eq!(get(&a, Method::GET, "/readyz").await.0, 503);
         assert_eq!(get(&a, Method::GET, "/livez").await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn reload_is_refused_to_a_caller_from_outside_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[log]\nlevel = \"debug\"\n").unwrap();
+        let metrics = Arc::new(Metrics::new(crate::metrics::Registry::new(), 10).unwrap());
+        let config = crate::config::Config::default();
+        let parts = crate::reload::Parts {
+            proxies: Arc::from(Vec::new()),
+            serve_options: tokio::sync::watch::channel(crate::app::serve_options(&config.server)).0,
+            log_level: None,
+            metrics: metrics.clone(),
+            clock: crate::limiter::LimiterClock::manual(),
+            limiter: None,
+        };
+        let reloader = Arc::new(Reloader::new(path, config, parts));
+        let admin = Admin::new(metrics.clone(), Readiness::new()).with_reloader(Some(reloader));
+        let post = || Request::post("/reload").body(()).unwrap();
+        for outside in [
+            "192.0.2.1:40000",
+            "[2001:db8::1]:40000",
+            "[::ffff:192.0.2.1]:1",
+        ] {
+            let resp = admin.serve(post(), outside.parse().unwrap()).await;
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{outside}");
+        }
+        let scrape = metrics.encode().unwrap();
+        assert!(
+            !scrape.contains("config_reloads_total{result=\"success\"} 1"),
+            "{scrape}"
+        );
+        for local in ["127.0.0.1:40000", "[::1]:40000", "[::ffff:127.0.0.1]:1"] {
+            let resp = admin.serve(post(), local.parse().unwrap()).await;
+            assert_eq!(resp.status(), StatusCode::OK, "{local}");
+        }
+        let scrape = metrics.encode().unwrap();
+        assert!(
+            scrape.contains("config_reloads_total{result=\"success\"} 3"),
+            "{scrape}"
+        );
     }
 }

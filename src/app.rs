@@ -6,16 +6,20 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::admin::{Admin, Readiness};
-use crate::config::Config;
-use crate::limiter::{FailedChecks, LimiterClock, NoRandomness};
+use crate::config::{Config, ServerConfig};
+use crate::limiter::{FailedChecks, LimiterClock, NoRandomness, sha256};
+use crate::logging::LogLevel;
 use crate::metrics::{Metrics, MetricsError, Registry};
 use crate::proxy::{Proxy, ProxySettings};
+use crate::reload::{self, Reloader};
 use crate::server::{self, DrainOutcome, ServeOptions};
 use crate::upstream::{self, Upstream, UpstreamBuildError};
 use crate::workers::{self, Workers};
@@ -121,18 +125,84 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()>,
     clock: LimiterClock,
 ) -> Result<DrainOutcome, AppError> {
+    let options = RunOptions {
+        clock,
+        ..RunOptions::default()
+    };
+    run_with(config, listeners, shutdown, options).await
+}
+
+/// What [`run_with`] takes besides the configuration.
+#[derive(Debug)]
+pub struct RunOptions {
+    /// The file `config` was loaded from: SIGHUP and `POST /reload` on the admin listener read
+    /// it again (see [`crate::reload`]). `None`: no reload (SIGHUP is logged and ignored).
+    pub config_path: Option<PathBuf>,
+    /// The log level control of the process's subscriber, for reloads of `log.level`.
+    pub log_level: Option<LogLevel>,
+    /// The failed-check limiter's clock.
+    pub clock: LimiterClock,
+    /// Whether SIGHUP asks for a reload (the binary); tests reload through the admin listener.
+    pub reload_on_sighup: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            config_path: None,
+            log_level: None,
+            clock: LimiterClock::monotonic(),
+            reload_on_sighup: false,
+        }
+    }
+}
+
+/// Builds one upstream client per worker for `config`: each worker has its own pool, and
+/// together they keep `upstream.pool_max_idle_per_host` idle connections.
+///
+/// # Errors
+/// [`UpstreamBuildError`] when `upstream.ca_file` cannot be read or holds no certificate.
+pub fn upstreams(config: &Config, workers: usize) -> Result<Vec<Upstream>, UpstreamBuildError> {
+    let mut per_worker = config.upstream.clone();
+    per_worker.pool_max_idle_per_host = config
+        .upstream
+        .pool_max_idle_per_host
+        .div_ceil(workers.max(1));
+    (0..workers).map(|_| Upstream::new(&per_worker)).collect()
+}
+
+/// The proxy listener's connection settings in `[server]`.
+pub fn serve_options(s: &ServerConfig) -> ServeOptions {
+    ServeOptions {
+        header_read_timeout: s.header_read_timeout,
+        shutdown_grace: s.shutdown_grace,
+        idle_timeout: s.idle_timeout,
+        send_timeout: s.send_timeout,
+        max_connections: s.max_connections,
+        max_connections_per_ip: s.max_connections_per_ip,
+        max_request_head_bytes: s.max_request_head_bytes,
+        max_request_headers: s.max_request_headers,
+        http2_max_concurrent_streams: s.http2_max_concurrent_streams,
+    }
+}
+
+/// [`run`], with reloading and the limiter's clock as `options` say.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    options: RunOptions,
+) -> Result<DrainOutcome, AppError> {
     upstream::install_crypto_provider();
+    let clock = options.clock;
     let workers = config
         .server
         .worker_threads
         .unwrap_or_else(workers::default_count);
-    // Each worker has its own pool; together they keep the configured number of idle
-    // connections.
-    let mut per_worker = config.upstream.clone();
-    per_worker.pool_max_idle_per_host = config.upstream.pool_max_idle_per_host.div_ceil(workers);
-    let upstreams = (0..workers)
-        .map(|_| Upstream::new(&per_worker))
-        .collect::<Result<Vec<_>, _>>()?;
+    let upstreams = upstreams(&config, workers)?;
     let workers = Workers::start(workers).map_err(AppError::Workers)?;
     let metrics = Arc::new(Metrics::new(
         Registry::new(),
@@ -146,16 +216,6 @@ pub async fn run_with_clock(
         )?)),
         false => None,
     };
-    let _housekeeping = limiter.clone().map(|limiter| {
-        let metrics = metrics.clone();
-        AbortOnDrop(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(LIMITER_HOUSEKEEPING);
-            loop {
-                tick.tick().await;
-                metrics.failed_checks_tracked(limiter.housekeep());
-            }
-        }))
-    });
     let mut upstreams = upstreams.into_iter();
     let first = upstreams
         .next()
@@ -164,24 +224,65 @@ pub async fn run_with_clock(
         first,
         ProxySettings::from(&config),
         metrics.clone(),
-        limiter,
-        clock,
+        limiter.clone(),
+        clock.clone(),
     );
     let drained = proxy.clone();
     let proxies: Arc<[Proxy]> = std::iter::once(proxy.clone())
         .chain(upstreams.map(|u| proxy.with_upstream(u)))
         .collect();
+    // The limiter in force may change with a reload; housekeeping follows it.
+    let _housekeeping = {
+        let metrics = metrics.clone();
+        let proxy = proxy.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LIMITER_HOUSEKEEPING);
+            loop {
+                tick.tick().await;
+                if let Some(limiter) = proxy.limiter() {
+                    metrics.failed_checks_tracked(limiter.housekeep());
+                }
+            }
+        }))
+    };
+    let (serve_options, serve_options_rx) = watch::channel(serve_options(&config.server));
+    if let Some(digest) = options
+        .config_path
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+        .map(|b| sha256(&b))
+    {
+        metrics.config_loaded(reload::digest_number(&digest));
+    }
+    let reloader = options.config_path.map(|path| {
+        Arc::new(Reloader::new(
+            path,
+            config.clone(),
+            reload::Parts {
+                proxies: proxies.clone(),
+                serve_options,
+                log_level: options.log_level,
+                metrics: metrics.clone(),
+                clock: clock.clone(),
+                limiter,
+            },
+        ))
+    });
+    let _sighup = reloader
+        .clone()
+        .filter(|_| options.reload_on_sighup)
+        .and_then(reload_on_sighup);
 
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let admin_addr = addr(&listeners.admin);
-    let admin = Admin::new(metrics.clone(), readiness.clone());
+    let admin = Admin::new(metrics.clone(), readiness.clone()).with_reloader(reloader.clone());
     let admin_opts = ServeOptions::internal(config.server.header_read_timeout, ADMIN_GRACE);
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    let admin_make_service = move |_peer: SocketAddr, _worker: usize| {
+    let admin_make_service = move |peer: SocketAddr, _worker: usize| {
         let admin = admin.clone();
         hyper::service::service_fn(move |req| {
-            let resp = admin.handle(&req);
-            async move { Ok::<_, Infallible>(resp) }
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(admin.serve(req, peer).await) }
         })
     };
     // The admin listener is served on worker 0 alone.
@@ -189,7 +290,7 @@ pub async fn run_with_clock(
         server::serve(
             listeners.admin,
             admin_make_service,
-            admin_opts,
+            watch::channel(admin_opts).1,
             &Workers::local(),
             async {
                 let _ = admin_stopped.await;
@@ -200,18 +301,6 @@ pub async fn run_with_clock(
         .await
     });
 
-    let s = &config.server;
-    let opts = ServeOptions {
-        header_read_timeout: s.header_read_timeout,
-        shutdown_grace: s.shutdown_grace,
-        idle_timeout: s.idle_timeout,
-        send_timeout: s.send_timeout,
-        max_connections: s.max_connections,
-        max_connections_per_ip: s.max_connections_per_ip,
-        max_request_head_bytes: s.max_request_head_bytes,
-        max_request_headers: s.max_request_headers,
-        http2_max_concurrent_streams: s.http2_max_concurrent_streams,
-    };
     let refused_metrics = metrics.clone();
     let upstream_origin = format!(
         "{}://{}",
@@ -236,10 +325,14 @@ pub async fn run_with_clock(
         })
     };
     let drain_started = std::sync::OnceLock::new();
-    let shutdown_delay = config.server.shutdown_delay;
     let drain_signal = async {
         shutdown.await;
         readiness.set_draining();
+        // As the configuration in force says now (a reload may have changed it).
+        let shutdown_delay = match &reloader {
+            Some(r) => r.config().await.server.shutdown_delay,
+            None => config.server.shutdown_delay,
+        };
         if !shutdown_delay.is_zero() {
             tracing::info!(
                 delay_seconds = shutdown_delay.as_secs_f64(),
@@ -257,20 +350,16 @@ pub async fn run_with_clock(
     let outcome = server::serve(
         listeners.proxy,
         make_service,
-        opts,
+        serve_options_rx.clone(),
         &workers,
         drain_signal,
         || cut_off(&drained),
         move |refusal| refused_metrics.connection_refused(refusal),
     )
     .await;
-    let outcome = settle_open_requests(
-        &drained,
-        outcome,
-        drain_started.get().copied(),
-        config.server.shutdown_grace,
-    )
-    .await;
+    let grace = serve_options_rx.borrow().shutdown_grace;
+    let outcome =
+        settle_open_requests(&drained, outcome, drain_started.get().copied(), grace).await;
     let _ = stop_admin.send(());
     let _ = admin_task.await;
     workers.stop().await;
@@ -322,38 +411,52 @@ fn cut_off(proxy: &Proxy) {
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C); on non-Unix systems, on Ctrl-C only.
-/// SIGHUP is logged and ignored (live reload is not implemented yet), rather than ending the
-/// process as its default action would.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) {
-            (Ok(mut term), Ok(mut hup)) => loop {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
                 tokio::select! {
-                    _ = term.recv() => {
-                        tracing::info!("SIGTERM received");
-                        return;
-                    }
-                    _ = tokio::signal::ctrl_c() => {
-                        tracing::info!("SIGINT received");
-                        return;
-                    }
-                    _ = hup.recv() => {
-                        tracing::warn!("SIGHUP received: configuration reload is not supported yet; still serving with the loaded configuration");
-                    }
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
                 }
-            },
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM/SIGHUP; only SIGINT stops the gateway")
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the gateway")
             }
         }
     }
     if tokio::signal::ctrl_c().await.is_ok() {
         tracing::info!("SIGINT received");
+    }
+}
+
+/// Reloads the configuration on every SIGHUP (Unix only), for as long as the returned guard
+/// lives. Watching SIGHUP also replaces its default action, which would end the process; the
+/// watch is in place when this returns.
+fn reload_on_sighup(reloader: Arc<Reloader>) -> Option<AbortOnDrop> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => Some(AbortOnDrop(tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    let _ = reloader.reload("SIGHUP").await;
+                }
+            }))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGHUP; reload with POST /reload on the admin listener");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
+        None
     }
 }
 

@@ -204,8 +204,8 @@ impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
 /// `body_read_timeout`.
 #[derive(Debug)]
 pub struct BodyBudget {
-    total: usize,
-    per_address: usize,
+    total: std::sync::atomic::AtomicUsize,
+    per_address: std::sync::atomic::AtomicUsize,
     used: std::sync::Mutex<BudgetUse>,
 }
 
@@ -229,8 +229,8 @@ impl BodyBudget {
     /// A budget of `total` bytes, at most `per_address` of them for one client address.
     pub fn new(total: usize, per_address: usize) -> std::sync::Arc<Self> {
         std::sync::Arc::new(BodyBudget {
-            total,
-            per_address,
+            total: total.into(),
+            per_address: per_address.into(),
             used: std::sync::Mutex::new(BudgetUse::default()),
         })
     }
@@ -244,6 +244,14 @@ impl BodyBudget {
             key: crate::limiter::address_key(peer.to_canonical()),
             bytes: 0,
         }
+    }
+
+    /// New limits for charges from now on (a reload): bytes already held stay held; while they
+    /// are over a lowered limit, no new byte is.
+    pub fn set_limits(&self, total: usize, per_address: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.total.store(total, Relaxed);
+        self.per_address.store(per_address, Relaxed);
     }
 
     /// Bytes held now, in all (for tests and metrics).
@@ -281,10 +289,14 @@ impl BodyCharge {
         let budget = &self.budget;
         let mut used = budget.lock();
         let mine = used.by_address.get(&self.key).copied().unwrap_or(0);
-        if mine + n > budget.per_address {
+        if mine + n
+            > budget
+                .per_address
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Err(BudgetExceeded::Address);
         }
-        if used.total + n > budget.total {
+        if used.total + n > budget.total.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(BudgetExceeded::Total);
         }
         used.total += n;

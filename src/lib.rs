@@ -17,7 +17,9 @@
 //! - [`body`]: response body types (deadline-bounded upstream body).
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful drain.
 //! - [`workers`]: one single-threaded runtime per worker thread; connections handed out.
-//! - [`admin`]: the admin listener's endpoints (metrics, health, legacy-client report).
+//! - [`admin`]: the admin listener's endpoints (metrics, health, legacy-client report, reload).
+//! - [`reload`]: live reload of the configuration file (SIGHUP, `POST /reload`) into the
+//!   running parts. [`proxy`] swaps its parts whole per reload (the only arc-swap user).
 //! - [`metrics`]: Prometheus metrics and the legacy-client report (the only prometheus user).
 //! - [`report`]: pure; which known library a user agent names and which release stops the
 //!   legacy calls.
@@ -36,6 +38,7 @@ pub mod limiter;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod report;
 pub mod rewrite;
 pub mod server;

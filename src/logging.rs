@@ -3,6 +3,7 @@
 //! where events are emitted; nothing emitted anywhere holds a token, secret or Authorization.
 
 use tracing::Subscriber;
+use tracing::level_filters::LevelFilter;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -26,8 +27,37 @@ pub enum LogError {
     AlreadyInstalled,
 }
 
-/// Builds the subscriber for `cfg`, writing lines to `writer`. `rust_log`, when set and not
-/// empty, replaces `cfg.level` as the filter.
+/// Changes the level of a running subscriber (a reload of `log.level`).
+pub struct LogLevel {
+    set: Box<dyn Fn(LevelFilter) -> Result<(), String> + Send + Sync>,
+    /// `RUST_LOG` set the filter: it stays in force over `log.level`.
+    from_env: bool,
+}
+
+impl std::fmt::Debug for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogLevel")
+            .field("from_env", &self.from_env)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogLevel {
+    /// Puts `level` in force for every event from now on. With `RUST_LOG` set, which overrides
+    /// `log.level`, nothing changes and `Ok(false)` says so.
+    ///
+    /// # Errors
+    /// The subscriber is gone (the process is ending).
+    pub fn set(&self, level: LevelFilter) -> Result<bool, String> {
+        if self.from_env {
+            return Ok(false);
+        }
+        (self.set)(level).map(|()| true)
+    }
+}
+
+/// Builds the subscriber for `cfg`, writing lines to `writer`, and the handle that changes its
+/// level. `rust_log`, when set and not empty, replaces `cfg.level` as the filter.
 ///
 /// # Errors
 /// [`LogError::Filter`] when `rust_log` is not a valid filter.
@@ -35,42 +65,67 @@ pub fn subscriber<W>(
     cfg: &LogConfig,
     rust_log: Option<&str>,
     writer: W,
-) -> Result<Box<dyn Subscriber + Send + Sync>, LogError>
+) -> Result<(Box<dyn Subscriber + Send + Sync>, LogLevel), LogError>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let filter = match rust_log.filter(|v| !v.trim().is_empty()) {
+    let rust_log = rust_log.filter(|v| !v.trim().is_empty());
+    let filter = match rust_log {
         Some(value) => EnvFilter::try_new(value).map_err(|e| LogError::Filter {
             value: value.to_owned(),
             reason: e.to_string(),
         })?,
-        None => EnvFilter::default().add_directive(cfg.level.into()),
+        None => level_filter(cfg.level),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
         .with_target(true);
+    let from_env = rust_log.is_some();
     Ok(match cfg.format {
-        LogFormat::Json => Box::new(
-            builder
+        LogFormat::Json => {
+            let builder = builder
                 .json()
                 .flatten_event(true)
                 .with_current_span(false)
-                .finish(),
-        ),
-        LogFormat::Text => Box::new(builder.with_ansi(false).finish()),
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            let set =
+                move |l: LevelFilter| handle.reload(level_filter(l)).map_err(|e| e.to_string());
+            let level = LogLevel {
+                set: Box::new(set),
+                from_env,
+            };
+            (Box::new(builder.finish()), level)
+        }
+        LogFormat::Text => {
+            let builder = builder.with_ansi(false).with_filter_reloading();
+            let handle = builder.reload_handle();
+            let set =
+                move |l: LevelFilter| handle.reload(level_filter(l)).map_err(|e| e.to_string());
+            let level = LogLevel {
+                set: Box::new(set),
+                from_env,
+            };
+            (Box::new(builder.finish()), level)
+        }
     })
 }
 
+fn level_filter(level: LevelFilter) -> EnvFilter {
+    EnvFilter::default().add_directive(level.into())
+}
+
 /// Installs the process-wide subscriber for `cfg`, writing to standard output and honouring
-/// `RUST_LOG`.
+/// `RUST_LOG`; returns the handle that changes its level.
 ///
 /// # Errors
 /// [`LogError::Filter`] for a bad `RUST_LOG`; [`LogError::AlreadyInstalled`] when called twice.
-pub fn init(cfg: &LogConfig) -> Result<(), LogError> {
+pub fn init(cfg: &LogConfig) -> Result<LogLevel, LogError> {
     let rust_log = std::env::var("RUST_LOG").ok();
-    let sub = subscriber(cfg, rust_log.as_deref(), std::io::stdout)?;
-    tracing::subscriber::set_global_default(sub).map_err(|_| LogError::AlreadyInstalled)
+    let (sub, level) = subscriber(cfg, rust_log.as_deref(), std::io::stdout)?;
+    tracing::subscriber::set_global_default(sub).map_err(|_| LogError::AlreadyInstalled)?;
+    Ok(level)
 }
 
 #[cfg(test)]

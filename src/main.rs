@@ -49,10 +49,13 @@ fn main() -> ExitCode {
             }
         };
     }
-    if let Err(e) = logging::init(&config.log) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
+    let log_level = match logging::init(&config.log) {
+        Ok(level) => level,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Worker 0: this thread's single-threaded runtime, which also accepts connections and
     // serves the admin listener; `app::run` starts the other workers.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -67,7 +70,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let listeners = app::bind(&config).await?;
-        app::run(config, listeners, app::shutdown_signal()).await
+        let options = app::RunOptions {
+            config_path: Some(cli.config.clone()),
+            log_level: Some(log_level),
+            reload_on_sighup: true,
+            ..app::RunOptions::default()
+        };
+        app::run_with(config, listeners, app::shutdown_signal(), options).await
     });
     // Blocking tasks still running (a worker thread that did not stop) do not hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));

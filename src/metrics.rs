@@ -193,6 +193,67 @@ pub struct Metrics {
     verified_credentials: IntGauge,
     interrupted: [[IntCounter; 2]; 3],
     clients: LegacyClients,
+    config: ConfigMetrics,
+}
+
+/// What a configuration reload did (`reloads_total{result}`), and the configuration in force.
+struct ConfigMetrics {
+    reloads: [IntCounter; 2],
+    last_successful: IntGauge,
+    last_success_timestamp: prometheus::Gauge,
+    hash: prometheus::Gauge,
+}
+
+/// How a configuration (or certificate) reload ended, as metric labels say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// The new file was read, validated and put in force.
+    Success = 0,
+    /// The new file was refused; the running configuration stays in force.
+    Error = 1,
+}
+
+impl ReloadResult {
+    /// The result's name for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Success => "success",
+            ReloadResult::Error => "error",
+        }
+    }
+}
+
+impl ConfigMetrics {
+    fn new(r: &Registry) -> Result<Self, MetricsError> {
+        let reloads = counter_vec(
+            r,
+            "config_reloads_total",
+            "Configuration reloads (SIGHUP or POST /reload on the admin listener), by result; an error keeps the running configuration.",
+            &["result"],
+        )?;
+        let gauge = |suffix: &str, help: &str| -> Result<prometheus::Gauge, MetricsError> {
+            register(r, prometheus::Gauge::new(name(suffix), help)?)
+        };
+        Ok(ConfigMetrics {
+            reloads: [ReloadResult::Success, ReloadResult::Error]
+                .map(|res| reloads.with_label_values(&[res.as_str()])),
+            last_successful: register(
+                r,
+                IntGauge::new(
+                    name("config_last_reload_successful"),
+                    "1 when the last configuration reload (or the start) succeeded, 0 when it failed.",
+                )?,
+            )?,
+            last_success_timestamp: gauge(
+                "config_last_reload_success_timestamp_seconds",
+                "Unix time in seconds the configuration in force was loaded.",
+            )?,
+            hash: gauge(
+                "config_hash",
+                "The first 48 bits of the SHA-256 of the configuration file in force, as a number.",
+            )?,
+        })
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -435,6 +496,7 @@ impl Metrics {
                     .map(|o| interrupted.with_label_values(&[c.as_str(), o.as_str()]))
             }),
             clients: LegacyClients::new(by_client, max_client_ids),
+            config: ConfigMetrics::new(r)?,
             registry,
         })
     }
@@ -461,6 +523,38 @@ impl Metrics {
             };
             self.clients.record(id, &seen);
         }
+    }
+
+    /// Records a configuration put in force (at start or by a reload): `hash` identifies the
+    /// file's content (the first 48 bits of its SHA-256, as Alertmanager's `config_hash`), and
+    /// the success time is now.
+    pub fn config_loaded(&self, hash: u64) {
+        let c = &self.config;
+        c.last_successful.set(1);
+        c.hash.set(hash as f64);
+        c.last_success_timestamp.set(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
+    }
+
+    /// Counts a configuration reload by how it ended; an error also sets
+    /// `config_last_reload_successful` to 0 until the next success.
+    pub fn config_reload(&self, result: ReloadResult) {
+        self.config.reloads[result as usize].inc();
+        if result == ReloadResult::Error {
+            self.config.last_successful.set(0);
+        }
+    }
+
+    /// Changes how many client_ids get a series of their own (a reload of
+    /// `metrics.max_client_ids`): ids already counted keep theirs; past the new number, new ids
+    /// count as `other`.
+    pub fn set_max_client_ids(&self, max: usize) {
+        self.clients
+            .max
+            .store(max, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Counts a deprecated query-parameter credential removed from a URL.
@@ -616,7 +710,7 @@ impl Drop for GaugeGuard {
 /// Deprecated calls per client_id, bounded: the first `max` distinct ids get their own series
 /// and report entry; the rest share `other`.
 struct LegacyClients {
-    max: usize,
+    max: std::sync::atomic::AtomicUsize,
     series: IntCounterVec,
     table: Mutex<ClientTable>,
 }
@@ -747,7 +841,7 @@ fn client_report<'a>(id: &'a str, e: &'a ClientEntry) -> ClientReport<'a> {
 impl LegacyClients {
     fn new(series: IntCounterVec, max: usize) -> Self {
         LegacyClients {
-            max,
+            max: max.into(),
             series,
             table: Mutex::new(ClientTable {
                 by_id: HashMap::new(),
@@ -763,7 +857,7 @@ impl LegacyClients {
             e.record(seen);
             return;
         }
-        let admit = t.by_id.len() < self.max
+        let admit = t.by_id.len() < self.max.load(std::sync::atomic::Ordering::Relaxed)
             && client_id.len() <= MAX_CLIENT_ID_BYTES
             && client_id != OTHER_CLIENT_ID;
         let entry = if admit {
@@ -786,7 +880,7 @@ impl LegacyClients {
         let mut clients: Vec<_> = t.by_id.iter().map(|(id, e)| client_report(id, e)).collect();
         clients.sort_by(|a, b| b.total.cmp(&a.total).then(a.client_id.cmp(b.client_id)));
         let report = Report {
-            max_client_ids: self.max,
+            max_client_ids: self.max.load(std::sync::atomic::Ordering::Relaxed),
             clients,
             other: t.other.as_ref().map(|e| client_report(OTHER_CLIENT_ID, e)),
         };

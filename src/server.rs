@@ -47,8 +47,10 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 const H2_STREAM_WINDOW: u32 = 65_535;
 const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
 
-/// Connection-level settings of one listener.
-#[derive(Debug, Clone, Copy)]
+/// Connection-level settings of one listener. [`serve`] reads them from a watch channel: a new
+/// value (a reload) applies to connections accepted from then on, and its connection limits at
+/// once; connections already open keep the timeouts they started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeOptions {
     /// Longest wait for the first byte of a new connection and for a complete HTTP/1 request
     /// head (hyper also closes HTTP/1 keep-alive connections idle this long).
@@ -119,8 +121,8 @@ impl Refusal {
 /// Open connections, in all and per address; an address leaves the table with its last one,
 /// so the table never holds more than `max` entries.
 struct Limits {
-    max: usize,
-    per_ip: usize,
+    max: AtomicUsize,
+    per_ip: AtomicUsize,
     open: AtomicUsize,
     by_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -135,11 +137,11 @@ impl Limits {
     fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refusal> {
         let ip = address_key(ip.to_canonical());
         let mut by_ip = self.by_ip.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.open.load(Ordering::Relaxed) >= self.max {
+        if self.open.load(Ordering::Relaxed) >= self.max.load(Ordering::Relaxed) {
             return Err(Refusal::MaxConnections);
         }
         let n = by_ip.entry(ip).or_insert(0);
-        if *n >= self.per_ip {
+        if *n >= self.per_ip.load(Ordering::Relaxed) {
             return Err(Refusal::MaxConnectionsPerIp);
         }
         *n += 1;
@@ -482,39 +484,8 @@ enum Handoff {
     Moved(std::net::TcpStream),
 }
 
-/// How a drain ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DrainOutcome {
-    /// Every connection finished its in-flight requests within the grace period.
-    Completed,
-    /// The grace period ran out with requests still in flight; their connections are dropped.
-    TimedOut,
-}
-
-/// Serves connections from `listener` until `shutdown` resolves, then stops accepting, lets
-/// in-flight requests finish within `opts.shutdown_grace`, and reports how the drain ended.
-/// When the grace period ends first, `cut_off` runs (the service is to answer what is still in
-/// flight at once) and connections get one more second to write those answers.
-/// Each connection is served on the worker of `workers` with the fewest open connections;
-/// `make_service` is called once per connection with the peer address and that worker's index.
-/// Must run on worker 0's runtime.
-pub async fn serve<M, S, B>(
-    listener: TcpListener,
-    make_service: M,
-    opts: ServeOptions,
-    workers: &Workers,
-    shutdown: impl Future<Output = ()>,
-    cut_off: impl FnOnce(),
-    on_refused: impl Fn(Refusal),
-) -> DrainOutcome
-where
-    M: Fn(SocketAddr, usize) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+/// The HTTP/1.1 and HTTP/2 connection settings of `opts`.
+fn connection_builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -535,10 +506,49 @@ where
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .keep_alive_interval(Some(H2_PING_INTERVAL))
         .keep_alive_timeout(H2_PING_TIMEOUT);
-    let builder = Arc::new(builder);
+    builder
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection finished its in-flight requests within the grace period.
+    Completed,
+    /// The grace period ran out with requests still in flight; their connections are dropped.
+    TimedOut,
+}
+
+/// Serves connections from `listener` until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests finish within `opts.shutdown_grace` (the value current when the drain
+/// starts), and reports how the drain ended. `opts` may change while serving (a reload): see
+/// [`ServeOptions`].
+/// When the grace period ends first, `cut_off` runs (the service is to answer what is still in
+/// flight at once) and connections get one more second to write those answers.
+/// Each connection is served on the worker of `workers` with the fewest open connections;
+/// `make_service` is called once per connection with the peer address and that worker's index.
+/// Must run on worker 0's runtime.
+pub async fn serve<M, S, B>(
+    listener: TcpListener,
+    make_service: M,
+    mut options: watch::Receiver<ServeOptions>,
+    workers: &Workers,
+    shutdown: impl Future<Output = ()>,
+    cut_off: impl FnOnce(),
+    on_refused: impl Fn(Refusal),
+) -> DrainOutcome
+where
+    M: Fn(SocketAddr, usize) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut opts = *options.borrow_and_update();
+    let mut builder = Arc::new(connection_builder(&opts));
     let limits = Arc::new(Limits {
-        max: opts.max_connections,
-        per_ip: opts.max_connections_per_ip,
+        max: opts.max_connections.into(),
+        per_ip: opts.max_connections_per_ip.into(),
         open: AtomicUsize::new(0),
         by_ip: Mutex::new(HashMap::new()),
     });
@@ -560,6 +570,14 @@ where
                 }
             },
         };
+        if options.has_changed().unwrap_or(false) {
+            opts = *options.borrow_and_update();
+            builder = Arc::new(connection_builder(&opts));
+            limits.max.store(opts.max_connections, Ordering::Relaxed);
+            limits
+                .per_ip
+                .store(opts.max_connections_per_ip, Ordering::Relaxed);
+        }
         let slot = match limits.acquire(peer.ip()) {
             Ok(slot) => slot,
             Err(refusal) => {
@@ -578,6 +596,7 @@ where
             activity: activity.clone(),
         };
         let builder = builder.clone();
+        let opts = opts;
         let mut drained = drain.subscribe();
         let index = worker.index;
         // Off worker 0 the socket moves to the worker's own reactor: out of this one here,
@@ -667,6 +686,7 @@ where
     }
 
     drop(listener);
+    let opts = *options.borrow();
     let open = drain.receiver_count();
     tracing::info!(
         open_connections = open,

@@ -87,8 +87,20 @@ impl Clock for LimiterClock {
 
 type Store<K> = DashMapStateStore<K>;
 
-/// The state store the charging limiter writes.
-struct Shared<K: Hash + Eq + Clone>(Arc<Store<K>>);
+/// The state store the charging limiter writes. The store keeps theoretical arrival times
+/// counted from the quota's first limiter's start; a limiter built later (a quota changed by a
+/// reload) counts from its own start, `offset` later, and each value is moved by that much on
+/// its way in and out, so the keys' state carries over to the new quota unchanged.
+struct Shared<K: Hash + Eq + Clone> {
+    store: Arc<Store<K>>,
+    offset: Nanos,
+}
+
+/// A stored arrival time as seen by a limiter started `offset` after the store's origin (one
+/// already in that limiter's past reads as its start: no less spent, as GCRA sees it).
+fn to_limiter(stored: Nanos, offset: Nanos) -> Nanos {
+    stored.saturating_sub(offset)
+}
 
 impl<K: Hash + Eq + Clone> StateStore for Shared<K> {
     type Key = K;
@@ -97,31 +109,38 @@ impl<K: Hash + Eq + Clone> StateStore for Shared<K> {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        self.0.measure_and_replace(key, f)
+        let offset = self.offset;
+        self.store.measure_and_replace(key, |prev| {
+            f(prev.map(|p| to_limiter(p, offset))).map(|(t, tat)| (t, tat + offset))
+        })
     }
 }
 
 impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for Shared<K> {
     fn retain_recent(&self, drop_below: Nanos) {
-        ShrinkableKeyedStateStore::retain_recent(&*self.0, drop_below);
+        ShrinkableKeyedStateStore::retain_recent(&*self.store, drop_below + self.offset);
     }
 
     fn shrink_to_fit(&self) {
-        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0);
+        ShrinkableKeyedStateStore::shrink_to_fit(&*self.store);
     }
 
     fn len(&self) -> usize {
-        self.0.len()
+        self.store.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.store.is_empty()
     }
 }
 
 /// A read-only view of the same store: the GCRA test runs, but the previous state is written
-/// back, and an absent key is never inserted.
-struct Probe<K: Hash + Eq + Clone>(Arc<Store<K>>);
+/// back, and an absent key is never inserted. Arrival times are moved by `offset` as in
+/// [`Shared`].
+struct Probe<K: Hash + Eq + Clone> {
+    store: Arc<Store<K>>,
+    offset: Nanos,
+}
 
 impl<K: Hash + Eq + Clone> StateStore for Probe<K> {
     type Key = K;
@@ -130,11 +149,12 @@ impl<K: Hash + Eq + Clone> StateStore for Probe<K> {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        if !self.0.contains_key(key) {
+        if !self.store.contains_key(key) {
             return f(None).map(|(t, _)| t);
         }
-        self.0.measure_and_replace(key, |prev| {
-            f(prev).map(|(t, _)| (t, prev.unwrap_or_default()))
+        let offset = self.offset;
+        self.store.measure_and_replace(key, |prev| {
+            f(prev.map(|p| to_limiter(p, offset))).map(|(t, _)| (t, prev.unwrap_or_default()))
         })
     }
 }
@@ -178,19 +198,57 @@ impl<K: Hash + Eq + Clone> Gcra<K> {
     /// `max_keys` keys. A zero `burst` or `replenish` (which config validation rejects) is
     /// taken as 1 failure or 1 second.
     pub fn new(burst: u32, replenish: Duration, max_keys: usize, clock: &LimiterClock) -> Self {
+        let store: Arc<Store<K>> = Arc::new(Store::default());
+        Self::over(store, clock.now(), burst, replenish, max_keys, clock)
+    }
+
+    /// The same keys, with their state as it is, under another quota: what a reload that
+    /// changed `burst` or `replenish` builds. A key's theoretical arrival time carries over, so
+    /// a spent key is not refilled; the new burst and interval apply to it from now on. The
+    /// two share one table: failures charged through either are seen by both.
+    pub fn requota(&self, burst: u32, replenish: Duration, max_keys: usize) -> Self {
+        Self::over(
+            self.store.clone(),
+            self.start,
+            burst,
+            replenish,
+            max_keys,
+            &self.clock,
+        )
+    }
+
+    fn over(
+        store: Arc<Store<K>>,
+        start: Nanos,
+        burst: u32,
+        replenish: Duration,
+        max_keys: usize,
+        clock: &LimiterClock,
+    ) -> Self {
         let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         let quota = Quota::with_period(replenish)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst);
-        let store: Arc<Store<K>> = Arc::new(Store::default());
-        let start = clock.now();
+        // governor counts from the clock reading taken when each limiter is built; this one is
+        // taken just before, so the offset may be short by nanoseconds (only ever stricter).
+        let offset = clock.now().saturating_sub(start);
         Gcra {
             start,
             period: Nanos::from(replenish),
-            charge: RateLimiter::new(quota, Shared(store.clone()), clock.clone()),
+            charge: RateLimiter::new(
+                quota,
+                Shared {
+                    store: store.clone(),
+                    offset,
+                },
+                clock.clone(),
+            ),
             probe: RateLimiter::<K, Probe<K>, LimiterClock, NoOpMiddleware<Nanos>>::new(
                 quota,
-                Probe(store.clone()),
+                Probe {
+                    store: store.clone(),
+                    offset,
+                },
                 clock.clone(),
             )
             .with_middleware::<StateInformationMiddleware>(),
@@ -313,6 +371,40 @@ mod tests {
         assert_eq!(g.peek(&5_000_000), Peek::Left(1));
         // A key tracked before the table filled keeps its own state.
         assert!(matches!(g.peek(&0), Peek::Spent(_)));
+    }
+
+    #[test]
+    fn a_new_quota_keeps_each_keys_state() {
+        let (g, clock) = gcra(10, 6, 1000);
+        for _ in 0..10 {
+            g.charge(&1);
+        }
+        g.charge(&2);
+        clock.advance(Duration::from_secs(3));
+        // Tighter: the key that spent 10 is 5 over the new burst of 5 and waits for them too:
+        // its arrival time (60 s) less 4 intervals of tolerance, from now (3 s): 33 s.
+        let tighter = g.requota(5, Duration::from_secs(6), 1000);
+        assert_eq!(tighter.peek(&1), Peek::Spent(Duration::from_secs(33)));
+        // Key 2 failed once and recovered half an interval: 5 - 1 left under the new burst.
+        assert_eq!(tighter.peek(&2), Peek::Left(4));
+        assert_eq!(
+            tighter.peek(&3),
+            Peek::Left(5),
+            "an unknown key gets the new burst"
+        );
+        // Looser: nothing is refilled, the larger burst adds room on top of what is used.
+        clock.advance(Duration::from_secs(3));
+        let looser = tighter.requota(20, Duration::from_secs(6), 1000);
+        assert_eq!(looser.peek(&1), Peek::Left(11));
+        // Both views share one table: a charge through the new one is seen by the old.
+        looser.charge(&3);
+        assert_eq!(g.peek(&3), Peek::Left(9));
+        assert_eq!(g.len(), 3);
+        // Housekeeping through the new one counts from the same origin: at 36 s the keys that
+        // recovered long ago go, key 1 (arrival time 60 s) stays with its state.
+        clock.advance(Duration::from_secs(30));
+        assert_eq!(looser.housekeep(), 1);
+        assert_eq!(looser.peek(&1), Peek::Left(16));
     }
 
     #[test]

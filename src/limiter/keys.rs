@@ -49,6 +49,8 @@ impl fmt::Debug for CredentialKey {
 pub struct NoRandomness;
 
 /// Turns credentials into [`CredentialKey`]s with a key drawn at start-up and never stored.
+/// Clones share the key (a reloaded limiter keys the same credentials the same way).
+#[derive(Clone)]
 pub struct CredentialHasher {
     key: hmac::Key,
 }
@@ -57,6 +59,15 @@ impl fmt::Debug for CredentialHasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("CredentialHasher(..)")
     }
+}
+
+/// The SHA-256 digest of `bytes` (for naming a configuration file's content in logs and
+/// metrics; not a credential).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 impl CredentialHasher {

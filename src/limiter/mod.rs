@@ -31,7 +31,7 @@ use crate::config::{FailedChecksConfig, FailedChecksMode};
 
 pub use flight::IN_FLIGHT_ALLOWANCE;
 pub use gcra::{Charged, LimiterClock};
-pub use keys::{CredentialKey, NoRandomness, address_key};
+pub use keys::{CredentialKey, NoRandomness, address_key, sha256};
 
 use flight::{Flights, Reserve};
 use gcra::{Gcra, Peek};
@@ -170,14 +170,24 @@ pub struct Tracked {
 
 struct Quota<K: std::hash::Hash + Eq + Clone> {
     gcra: Gcra<K>,
-    flights: Flights<K>,
+    /// Shared with the limiters a reload builds: a request admitted before it releases its
+    /// slot in the same table.
+    flights: Arc<Flights<K>>,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Quota<K> {
     fn new(q: crate::config::QuotaConfig, max_keys: usize, clock: &LimiterClock) -> Self {
         Quota {
             gcra: Gcra::new(q.burst, q.replenish, max_keys, clock),
-            flights: Flights::new(),
+            flights: Arc::new(Flights::new()),
+        }
+    }
+
+    /// The same keys and in-flight slots under `q`.
+    fn requota(&self, q: crate::config::QuotaConfig, max_keys: usize) -> Self {
+        Quota {
+            gcra: self.gcra.requota(q.burst, q.replenish, max_keys),
+            flights: self.flights.clone(),
         }
     }
 }
@@ -190,7 +200,7 @@ pub struct FailedChecks {
     by_client_ip: Quota<IpAddr>,
     token_by_credential: Quota<CredentialKey>,
     /// Credentials the upstream accepted, with the clock reading (nanoseconds) of the last time.
-    verified: RwLock<HashMap<CredentialKey, AtomicU64>>,
+    verified: Arc<RwLock<HashMap<CredentialKey, AtomicU64>>>,
     max_keys: usize,
     shadow: bool,
     clock: LimiterClock,
@@ -226,11 +236,31 @@ impl FailedChecks {
             by_credential: Quota::new(cfg.credential, max, &clock),
             by_client_ip: Quota::new(cfg.client_ip, max, &clock),
             token_by_credential: Quota::new(cfg.token, max, &clock),
-            verified: RwLock::new(HashMap::new()),
+            verified: Arc::new(RwLock::new(HashMap::new())),
             max_keys: max,
             shadow: cfg.mode == FailedChecksMode::Shadow,
             clock,
         })
+    }
+
+    /// This limiter under a reloaded `[failed_checks]`: the same hashing key, the same keys
+    /// with their state, in-flight slots and verified credentials, under the new quotas, mode,
+    /// trusted proxies and table size. Nothing is refilled: a changed quota applies to every
+    /// existing key at once, from its state as it is (see [`gcra`]). Both limiters share their
+    /// tables, so requests admitted by this one settle into the same state.
+    pub fn reconfigured(&self, cfg: &FailedChecksConfig) -> Self {
+        let max = cfg.max_tracked_keys;
+        FailedChecks {
+            hasher: self.hasher.clone(),
+            addresses: ClientAddress::new(cfg.trusted_proxies.clone()),
+            by_credential: self.by_credential.requota(cfg.credential, max),
+            by_client_ip: self.by_client_ip.requota(cfg.client_ip, max),
+            token_by_credential: self.token_by_credential.requota(cfg.token, max),
+            verified: self.verified.clone(),
+            max_keys: max,
+            shadow: cfg.mode == FailedChecksMode::Shadow,
+            clock: self.clock.clone(),
+        }
     }
 
     /// The keys of a request: the credential in `authorization` (after query credentials were
@@ -699,6 +729,68 @@ mod tests {
             l.admit(app, true, far()).await,
             Admission::Pass(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_every_key_and_applies_the_new_quota_at_once() {
+        let (l, _clock) = limiter(|_| {});
+        for _ in 0..10 {
+            fail(
+                &l,
+                keys(&l, "wrong", "192.0.2.66"),
+                FailureClass::Credential,
+                true,
+            )
+            .await;
+        }
+        // Half the burst (10) spent by another credential: spent under a burst of 5.
+        for _ in 0..5 {
+            fail(
+                &l,
+                keys(&l, "half", "192.0.2.67"),
+                FailureClass::Credential,
+                true,
+            )
+            .await;
+        }
+        let mut cfg = Config::default().failed_checks;
+        cfg.credential.burst = 5;
+        let reloaded = Arc::new(l.reconfigured(&cfg));
+        // Same hashing key: the same secret is the same key to both.
+        assert_eq!(
+            keys(&l, "wrong", "192.0.2.66").credential,
+            keys(&reloaded, "wrong", "192.0.2.66").credential
+        );
+        let spent = fail(
+            &reloaded,
+            keys(&reloaded, "wrong", "192.0.2.66"),
+            FailureClass::Credential,
+            true,
+        )
+        .await;
+        assert!(spent.is_some(), "a reload refilled a spent key");
+        let half = fail(
+            &reloaded,
+            keys(&reloaded, "half", "192.0.2.67"),
+            FailureClass::Credential,
+            true,
+        )
+        .await;
+        assert!(
+            half.is_some(),
+            "the tighter burst did not apply to an existing key"
+        );
+        assert!(
+            fail(
+                &reloaded,
+                keys(&reloaded, "fresh", "192.0.2.68"),
+                FailureClass::Credential,
+                true
+            )
+            .await
+            .is_none()
+        );
+        assert_eq!(reloaded.tracked().quotas, l.tracked().quotas, "one table");
     }
 
     #[tokio::test]

@@ -43,6 +43,8 @@ struct LifecycleShared {
     idle: Notify,
     cut_off: watch::Sender<bool>,
     detached: Arc<Semaphore>,
+    /// The permits `detached` is meant to have in all (`server.max_detached_exchanges`).
+    max_detached: std::sync::Mutex<usize>,
 }
 
 impl Lifecycle {
@@ -55,8 +57,38 @@ impl Lifecycle {
                 idle: Notify::new(),
                 cut_off: watch::Sender::new(false),
                 detached: Arc::new(Semaphore::new(max_detached)),
+                max_detached: std::sync::Mutex::new(max_detached),
             }),
         }
+    }
+
+    /// Changes how many exchanges may be seen through after their clients went away (a reload
+    /// of `server.max_detached_exchanges`). Raised, the room is there at once; lowered, free
+    /// room goes at once and room in use goes as those exchanges end (a task takes it back),
+    /// so none already running is cut.
+    pub fn set_max_detached(&self, max_detached: usize) {
+        let shared = &self.shared;
+        let mut max = shared
+            .max_detached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if max_detached > *max {
+            shared.detached.add_permits(max_detached - *max);
+        } else if max_detached < *max {
+            let excess = *max - max_detached;
+            let rest = excess - shared.detached.forget_permits(excess);
+            if let (Ok(rest), Ok(rt)) = (u32::try_from(rest), tokio::runtime::Handle::try_current())
+                && rest > 0
+            {
+                let detached = shared.detached.clone();
+                rt.spawn(async move {
+                    if let Ok(permits) = detached.acquire_many_owned(rest).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        *max = max_detached;
     }
 }
 

@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use http::header::HeaderValue;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -139,12 +140,17 @@ impl ProxySettings {
     }
 }
 
-/// The proxy service: cheap to clone (one `Arc`), shared by every connection.
+/// The proxy service: cheap to clone (one `Arc`), shared by every connection of a worker. Its
+/// upstream, settings and limiter are swapped whole by [`Proxy::reload`]: each request takes
+/// the ones current when it arrives and keeps them to its end, so a reload fails no request in
+/// flight.
 #[derive(Clone)]
 pub struct Proxy {
-    inner: Arc<Inner>,
+    current: Arc<ArcSwap<Inner>>,
 }
 
+/// One generation of the proxy's parts. The metrics, drain bookkeeping and clock are the same
+/// in every generation.
 struct Inner {
     upstream: Upstream,
     settings: ProxySettings,
@@ -156,9 +162,10 @@ struct Inner {
 
 impl fmt::Debug for Proxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = self.current.load();
         f.debug_struct("Proxy")
-            .field("upstream", &self.inner.upstream)
-            .field("settings", &self.inner.settings)
+            .field("upstream", &inner.upstream)
+            .field("settings", &inner.settings)
             .finish()
     }
 }
@@ -175,31 +182,64 @@ impl Proxy {
         clock: LimiterClock,
     ) -> Self {
         Self {
-            inner: Arc::new(Inner {
+            current: Arc::new(ArcSwap::from_pointee(Inner {
                 lifecycle: Lifecycle::new(settings.max_detached_exchanges),
                 clock,
                 upstream,
                 settings,
                 metrics,
                 limiter,
-            }),
+            })),
         }
     }
 
     /// The same proxy (settings, metrics, limiter, drain bookkeeping: all shared) forwarding
     /// through `upstream`: each worker thread has its own upstream pool.
     pub fn with_upstream(&self, upstream: Upstream) -> Self {
-        let inner = &self.inner;
+        let inner = self.current.load();
         Self {
-            inner: Arc::new(Inner {
+            current: Arc::new(ArcSwap::from_pointee(Inner {
                 upstream,
                 settings: inner.settings.clone(),
                 metrics: inner.metrics.clone(),
                 limiter: inner.limiter.clone(),
                 lifecycle: inner.lifecycle.clone(),
                 clock: inner.clock.clone(),
-            }),
+            })),
         }
+    }
+
+    /// Puts a reloaded configuration in place for requests that arrive from now on: they
+    /// forward through `upstream` with `settings`, gated by `limiter`. Requests in flight
+    /// finish with the parts they started with; the metrics, the drain bookkeeping and the
+    /// clock carry over (the room for detached exchanges is resized to the new settings).
+    pub fn reload(
+        &self,
+        upstream: Upstream,
+        settings: ProxySettings,
+        limiter: Option<Arc<FailedChecks>>,
+    ) {
+        let old = self.current.load();
+        old.lifecycle
+            .set_max_detached(settings.max_detached_exchanges);
+        self.current.store(Arc::new(Inner {
+            upstream,
+            settings,
+            metrics: old.metrics.clone(),
+            limiter,
+            lifecycle: old.lifecycle.clone(),
+            clock: old.clock.clone(),
+        }));
+    }
+
+    /// The failed-check limiter requests are gated by now (`None` when disabled).
+    pub fn limiter(&self) -> Option<Arc<FailedChecks>> {
+        self.current.load().limiter.clone()
+    }
+
+    /// The settings requests are served with now.
+    pub fn settings(&self) -> ProxySettings {
+        self.current.load().settings.clone()
     }
 
     /// Serves one request. Never fails: errors become the gateway's own GitHub-shaped answers.
@@ -208,7 +248,8 @@ impl Proxy {
     /// forwarded is then seen through to the upstream's answer, and charged by it. `peer` is the
     /// TCP peer: the client, unless a trusted proxy forwarded the call.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let inner = &self.inner;
+        let current = self.current.load_full();
+        let inner = &current;
         let settings = &inner.settings;
         let started = std::time::Instant::now();
         let open = inner.lifecycle.open();
@@ -326,16 +367,17 @@ impl Proxy {
     /// Ends every request still open: each is answered 503 (when its client is still there) and
     /// recorded with outcome `shutdown`. For the end of the shutdown grace period.
     pub fn cut_off(&self) {
-        self.inner.lifecycle.cut_off();
+        self.current.load().lifecycle.cut_off();
     }
 
     /// Resolves once every request is accounted for, exchanges whose client went away included.
     pub async fn idle(&self) {
-        self.inner.lifecycle.idle().await;
+        let lifecycle = self.current.load().lifecycle.clone();
+        lifecycle.idle().await;
     }
 
     /// Requests not yet accounted for.
     pub fn open_requests(&self) -> usize {
-        self.inner.lifecycle.open_count()
+        self.current.load().lifecycle.open_count()
     }
 }

@@ -55,7 +55,8 @@ pub fn capture(
 ) -> (tracing::subscriber::DefaultGuard, Capture) {
     let capture = Capture::default();
     let writer = capture.clone();
-    let sub = logging::subscriber(&LogConfig { format, level }, None, move || writer.clone())
-        .expect("subscriber");
+    let (sub, _level) =
+        logging::subscriber(&LogConfig { format, level }, None, move || writer.clone())
+            .expect("subscriber");
     (tracing::subscriber::set_default(sub), capture)
 }

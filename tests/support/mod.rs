@@ -64,8 +64,28 @@ impl Gateway {
         Self::start_with_clock(config, LimiterClock::monotonic()).await
     }
 
+    /// Starts a gateway with the config file at `path` (its listen addresses are ignored:
+    /// 127.0.0.1:0), reloadable with `POST /reload` on its admin listener.
+    pub async fn start_from_file(path: &std::path::Path) -> Gateway {
+        let config = Config::load(path).expect("test config file");
+        let options = app::RunOptions {
+            config_path: Some(path.to_owned()),
+            ..app::RunOptions::default()
+        };
+        Self::start_with_options(config, options).await
+    }
+
     /// As [`Gateway::start`], with the failed-check limiter on `clock`.
     pub async fn start_with_clock(config: Config, clock: LimiterClock) -> Gateway {
+        let options = app::RunOptions {
+            clock,
+            ..app::RunOptions::default()
+        };
+        Self::start_with_options(config, options).await
+    }
+
+    /// As [`Gateway::start`], with `options`.
+    pub async fn start_with_options(config: Config, options: app::RunOptions) -> Gateway {
         let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let addr = proxy.local_addr().expect("addr");
@@ -75,7 +95,7 @@ impl Gateway {
             let shutdown = async {
                 let _ = rx.await;
             };
-            app::run_with_clock(config, Listeners { proxy, admin }, shutdown, clock)
+            app::run_with(config, Listeners { proxy, admin }, shutdown, options)
                 .await
                 .expect("gateway run")
         });
