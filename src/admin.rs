@@ -274,6 +274,7 @@ mod tests {
             metrics: metrics.clone(),
             clock: crate::limiter::LimiterClock::manual(),
             limiter: None,
+            tls: None,
         };
         let reloader = Arc::new(Reloader::new(path, config, parts));
         let admin = Admin::new(metrics.clone(), Readiness::new()).with_reloader(Some(reloader));

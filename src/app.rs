@@ -21,6 +21,7 @@ use crate::metrics::{Metrics, MetricsError, Registry};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::reload::{self, Reloader};
 use crate::server::{self, DrainOutcome, ServeOptions};
+use crate::tls::{self, Certificates, TlsError};
 use crate::upstream::{self, Upstream, UpstreamBuildError};
 use crate::workers::{self, Workers};
 
@@ -47,6 +48,9 @@ pub enum AppError {
     /// The failed-check limiter found no randomness for its hashing key.
     #[error(transparent)]
     Limiter(#[from] NoRandomness),
+    /// The proxy listener's TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The worker threads could not be started.
     #[error("cannot start the worker threads (`server.worker_threads`): {0}")]
     Workers(#[source] io::Error),
@@ -88,13 +92,18 @@ pub async fn bind(config: &Config) -> Result<Listeners, AppError> {
 }
 
 /// Builds every runtime object `config` describes without binding or serving: what
-/// `--check-config` runs to catch errors that only appear when files are read (the CA file).
+/// `--check-config` runs to catch errors that only appear when files are read (the CA file,
+/// the TLS certificate and key).
 ///
 /// # Errors
-/// [`AppError::Upstream`] when the upstream client cannot be built.
+/// [`AppError::Upstream`] when the upstream client cannot be built, [`AppError::Tls`] when the
+/// certificate or key cannot be loaded.
 pub fn check(config: &Config) -> Result<(), AppError> {
     upstream::install_crypto_provider();
     Upstream::new(&config.upstream)?;
+    if let Some(files) = &config.server.tls {
+        tls::load(files)?;
+    }
     Metrics::new(Registry::new(), config.metrics.max_client_ids)?;
     Ok(())
 }
@@ -183,6 +192,7 @@ pub fn serve_options(s: &ServerConfig) -> ServeOptions {
         max_request_head_bytes: s.max_request_head_bytes,
         max_request_headers: s.max_request_headers,
         http2_max_concurrent_streams: s.http2_max_concurrent_streams,
+        tls_handshake_timeout: s.tls_handshake_timeout,
     }
 }
 
@@ -245,6 +255,13 @@ pub async fn run_with(
             }
         }))
     };
+    let tls = match &config.server.tls {
+        Some(files) => Some(Certificates::new(files, metrics.clone())?),
+        None => None,
+    };
+    let _tls_watch = tls
+        .clone()
+        .map(|certs| AbortOnDrop(tokio::spawn(certs.watch())));
     let (serve_options, serve_options_rx) = watch::channel(serve_options(&config.server));
     if let Some(digest) = options
         .config_path
@@ -265,6 +282,7 @@ pub async fn run_with(
                 metrics: metrics.clone(),
                 clock: clock.clone(),
                 limiter,
+                tls: tls.clone(),
             },
         ))
     });
@@ -291,6 +309,7 @@ pub async fn run_with(
             listeners.admin,
             admin_make_service,
             watch::channel(admin_opts).1,
+            None,
             &Workers::local(),
             async {
                 let _ = admin_stopped.await;
@@ -351,6 +370,7 @@ pub async fn run_with(
         listeners.proxy,
         make_service,
         serve_options_rx.clone(),
+        tls.as_ref().map(Certificates::acceptor),
         &workers,
         drain_signal,
         || cut_off(&drained),

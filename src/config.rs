@@ -100,6 +100,22 @@ pub struct ServerConfig {
     /// Streams a client may open at once on one HTTP/2 connection
     /// (`server.http2_max_concurrent_streams`, RFC 9113 §6.5.2). From 1 to 1000.
     pub http2_max_concurrent_streams: u32,
+    /// Inbound TLS (`server.tls_cert_file`, `server.tls_key_file`): when set, the proxy
+    /// listener speaks HTTPS only (ALPN h2 and http/1.1).
+    pub tls: Option<TlsFiles>,
+    /// Longest a client may take to complete its TLS handshake, in seconds, counted from its
+    /// first byte (`server.tls_handshake_timeout`).
+    pub tls_handshake_timeout: Duration,
+}
+
+/// The PEM files of the proxy listener's certificate. Relative paths in the file are resolved
+/// against the config file's directory by [`Config::load`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (`server.tls_cert_file`).
+    pub cert: PathBuf,
+    /// Its private key: PKCS#8, PKCS#1 or SEC1 (`server.tls_key_file`).
+    pub key: PathBuf,
 }
 
 /// `[upstream]`: where calls are forwarded.
@@ -408,10 +424,17 @@ impl Config {
         })?;
         let mut config = Self::from_toml_str(&text).map_err(|e| e.with_path(path))?;
         // A relative path in the file means relative to the file, not to the working directory.
-        if let Some(ca_file) = config.upstream.ca_file.as_mut()
-            && ca_file.is_relative()
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let tls = config.server.tls.as_mut();
+        for file in config
+            .upstream
+            .ca_file
+            .iter_mut()
+            .chain(tls.into_iter().flat_map(|t| [&mut t.cert, &mut t.key]))
         {
-            *ca_file = path.parent().unwrap_or(Path::new("")).join(&*ca_file);
+            if file.is_relative() {
+                *file = dir.join(&*file);
+            }
         }
         Ok(config)
     }
@@ -545,6 +568,15 @@ impl Config {
                 1,
                 1000,
             )? as u32,
+            tls: parse_tls_files(
+                raw.server.tls_cert_file.as_deref(),
+                raw.server.tls_key_file.as_deref(),
+            )?,
+            tls_handshake_timeout: parse_duration(
+                "server.tls_handshake_timeout",
+                &raw.server.tls_handshake_timeout,
+                false,
+            )?,
         };
         let upstream = UpstreamConfig {
             url: parse_upstream_url(&raw.upstream.url)?,
@@ -789,6 +821,30 @@ impl fmt::Display for LogFormat {
             LogFormat::Json => "json",
             LogFormat::Text => "text",
         })
+    }
+}
+
+/// `server.tls_cert_file` and `server.tls_key_file`: both, or neither.
+fn parse_tls_files(cert: Option<&str>, key: Option<&str>) -> Result<Option<TlsFiles>, ConfigError> {
+    const EXPECTED: &str = "a path to a PEM file; tls_cert_file and tls_key_file are set together";
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(c), _) if c.is_empty() => Err(invalid("server.tls_cert_file", quoted(c), EXPECTED)),
+        (_, Some(k)) if k.is_empty() => Err(invalid("server.tls_key_file", quoted(k), EXPECTED)),
+        (Some(c), None) => Err(invalid(
+            "server.tls_key_file",
+            "(not set)".into(),
+            format!("{EXPECTED} (server.tls_cert_file is {})", quoted(c)),
+        )),
+        (None, Some(k)) => Err(invalid(
+            "server.tls_cert_file",
+            "(not set)".into(),
+            format!("{EXPECTED} (server.tls_key_file is {})", quoted(k)),
+        )),
+        (Some(c), Some(k)) => Ok(Some(TlsFiles {
+            cert: c.into(),
+            key: k.into(),
+        })),
     }
 }
 

@@ -16,6 +16,8 @@
 //! - [`upstream`]: the pooled HTTPS client to the upstream and its failure kinds.
 //! - [`body`]: response body types (deadline-bounded upstream body).
 //! - [`server`]: accept loop, HTTP/1.1 + HTTP/2, graceful drain.
+//! - [`tls`]: inbound TLS on the proxy listener, certificate rotation (the only tokio-rustls
+//!   user; the server side of rustls, whose client side is in [`upstream`]).
 //! - [`workers`]: one single-threaded runtime per worker thread; connections handed out.
 //! - [`admin`]: the admin listener's endpoints (metrics, health, legacy-client report, reload).
 //! - [`reload`]: live reload of the configuration file (SIGHUP, `POST /reload`) into the
@@ -42,5 +44,6 @@ pub mod reload;
 pub mod report;
 pub mod rewrite;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 pub mod workers;

@@ -86,12 +86,16 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "gateway failed");
             match e {
-                // A file the config names (upstream.ca_file): say which config named it.
-                app::AppError::Upstream(_) => eprintln!("error: {}: {e}", cli.config.display()),
+                // A file the config names (upstream.ca_file, the TLS files): say which config
+                // named it.
+                app::AppError::Upstream(_) | app::AppError::Tls(_) => {
+                    eprintln!("error: {}: {e}", cli.config.display())
+                }
                 _ => eprintln!("error: {e}"),
             }
             match e {
                 app::AppError::Upstream(_)
+                | app::AppError::Tls(_)
                 | app::AppError::Metrics(_)
                 | app::AppError::Limiter(_) => ExitCode::from(2),
                 app::AppError::Bind { .. } | app::AppError::Workers(_) => ExitCode::FAILURE,

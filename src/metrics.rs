@@ -199,6 +199,7 @@ pub struct Metrics {
 /// What a configuration reload did (`reloads_total{result}`), and the configuration in force.
 struct ConfigMetrics {
     reloads: [IntCounter; 2],
+    tls_reloads: [IntCounter; 2],
     last_successful: IntGauge,
     last_success_timestamp: prometheus::Gauge,
     hash: prometheus::Gauge,
@@ -234,9 +235,17 @@ impl ConfigMetrics {
         let gauge = |suffix: &str, help: &str| -> Result<prometheus::Gauge, MetricsError> {
             register(r, prometheus::Gauge::new(name(suffix), help)?)
         };
+        let tls_reloads = counter_vec(
+            r,
+            "tls_certificate_reloads_total",
+            "Loads of the proxy listener's TLS certificate after start (files changed, or a configuration reload), by result; an error keeps the certificate in service.",
+            &["result"],
+        )?;
         Ok(ConfigMetrics {
             reloads: [ReloadResult::Success, ReloadResult::Error]
                 .map(|res| reloads.with_label_values(&[res.as_str()])),
+            tls_reloads: [ReloadResult::Success, ReloadResult::Error]
+                .map(|res| tls_reloads.with_label_values(&[res.as_str()])),
             last_successful: register(
                 r,
                 IntGauge::new(
@@ -546,6 +555,11 @@ impl Metrics {
         if result == ReloadResult::Error {
             self.config.last_successful.set(0);
         }
+    }
+
+    /// Counts a load of the proxy listener's TLS certificate after start, by how it ended.
+    pub fn tls_certificate_reload(&self, result: ReloadResult) {
+        self.config.tls_reloads[result as usize].inc();
     }
 
     /// Changes how many client_ids get a series of their own (a reload of

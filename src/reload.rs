@@ -6,7 +6,8 @@
 //! to them at once; nothing is refilled), the hashing key, the legacy-caller report, every
 //! counter, the open connections and the requests in flight (each finishes with the settings
 //! it started with). What needs a restart, and is reported as such while the rest applies:
-//! `server.listen`, `admin.listen`, `server.worker_threads` and `log.format`.
+//! `server.listen`, `admin.listen`, `server.worker_threads`, `log.format`, and switching TLS on
+//! or off (`server.tls_cert_file`; new files or new content under the same names apply).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::logging::LogLevel;
 use crate::metrics::{Metrics, ReloadResult};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::ServeOptions;
+use crate::tls::{self, Certificates, TlsError};
 use crate::upstream::UpstreamBuildError;
 
 /// Why a reload changed nothing.
@@ -39,6 +41,14 @@ pub enum ReloadError {
     /// The failed-check limiter found no randomness for its hashing key.
     #[error(transparent)]
     Limiter(#[from] NoRandomness),
+    /// The proxy listener's TLS certificate or key could not be loaded.
+    #[error("{path}: {source}")]
+    Tls {
+        /// The configuration file.
+        path: PathBuf,
+        /// What was wrong.
+        source: TlsError,
+    },
     /// The reload task did not finish (the process is ending).
     #[error("the reload was interrupted")]
     Interrupted,
@@ -72,6 +82,7 @@ pub struct Reloader {
     log_level: Option<LogLevel>,
     metrics: Arc<Metrics>,
     clock: LimiterClock,
+    tls: Option<Arc<Certificates>>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -96,6 +107,8 @@ pub struct Parts {
     pub clock: LimiterClock,
     /// The limiter in force (`None` when disabled).
     pub limiter: Option<Arc<FailedChecks>>,
+    /// The proxy listener's certificate (`None` without TLS).
+    pub tls: Option<Arc<Certificates>>,
 }
 
 impl Reloader {
@@ -112,6 +125,7 @@ impl Reloader {
             log_level: parts.log_level,
             metrics: parts.metrics,
             clock: parts.clock,
+            tls: parts.tls,
         }
     }
 
@@ -167,6 +181,7 @@ impl Reloader {
         let path = self.path.clone();
         let workers = self.proxies.len();
         // Files are read off the serving threads.
+        let serving_tls = self.tls.is_some();
         let built = tokio::task::spawn_blocking(move || {
             let config = Config::load(&path)?;
             let digest = std::fs::read(&path).map(|b| sha256(&b)).unwrap_or_default();
@@ -175,11 +190,23 @@ impl Reloader {
                     path: path.clone(),
                     source,
                 })?;
-            Ok::<_, ReloadError>((config, digest, upstreams))
+            // The certificate is loaded again too (files may have new content under the same
+            // names); switching TLS on or off needs a restart.
+            let certificate = match (&config.server.tls, serving_tls) {
+                (Some(files), true) => {
+                    let key = tls::load(files).map_err(|source| ReloadError::Tls {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    Some((files.clone(), key))
+                }
+                _ => None,
+            };
+            Ok::<_, ReloadError>((config, digest, upstreams, certificate))
         })
         .await
         .map_err(|_| ReloadError::Interrupted)?;
-        let (config, digest, upstreams) = built?;
+        let (config, digest, upstreams, certificate) = built?;
 
         let fc = &config.failed_checks;
         let limiter = match (&applied.limiter, fc.enabled) {
@@ -203,6 +230,9 @@ impl Reloader {
         }
         self.serve_options
             .send_replace(app::serve_options(&config.server));
+        if let (Some(certs), Some((files, key))) = (&self.tls, certificate) {
+            certs.install(&files, key);
+        }
         if let Some(level) = &self.log_level
             && let Err(e) = level.set(config.log.level)
         {
@@ -219,6 +249,9 @@ impl Reloader {
         config.admin.listen = applied.config.admin.listen;
         config.server.worker_threads = applied.config.server.worker_threads;
         config.log.format = applied.config.log.format;
+        if config.server.tls.is_some() != applied.config.server.tls.is_some() {
+            config.server.tls = applied.config.server.tls.clone();
+        }
         let report = ReloadReport {
             changed: changed_sections(&applied.config, &config),
             needs_restart,
@@ -281,6 +314,9 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.log.format != new.log.format {
         out.push("log.format");
+    }
+    if old.server.tls.is_some() != new.server.tls.is_some() {
+        out.push("server.tls_cert_file");
     }
     out
 }

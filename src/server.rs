@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::limiter::address_key;
+use crate::tls::{Acceptor, TlsStream};
 use crate::workers::Workers;
 
 /// How long connections get to write what the cut-off at the end of the grace period answered,
@@ -76,6 +77,9 @@ pub struct ServeOptions {
     /// Streams a client may open at once on one HTTP/2 connection (RFC 9113 §6.5.2
     /// SETTINGS_MAX_CONCURRENT_STREAMS).
     pub http2_max_concurrent_streams: u32,
+    /// Longest a TLS handshake may take from the client's first byte, in seconds (listeners
+    /// with TLS only).
+    pub tls_handshake_timeout: Duration,
 }
 
 impl ServeOptions {
@@ -92,6 +96,7 @@ impl ServeOptions {
             max_request_head_bytes: 16 * 1024,
             max_request_headers: 100,
             http2_max_concurrent_streams: 16,
+            tls_handshake_timeout: header_read_timeout,
         }
     }
 }
@@ -509,6 +514,70 @@ fn connection_builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// A client connection: plain TCP, or TLS over it (`server.tls_cert_file`).
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainOutcome {
@@ -531,6 +600,7 @@ pub async fn serve<M, S, B>(
     listener: TcpListener,
     make_service: M,
     mut options: watch::Receiver<ServeOptions>,
+    tls: Option<Acceptor>,
     workers: &Workers,
     shutdown: impl Future<Output = ()>,
     cut_off: impl FnOnce(),
@@ -597,6 +667,7 @@ where
         };
         let builder = builder.clone();
         let opts = opts;
+        let tls = tls.clone();
         let mut drained = drain.subscribe();
         let index = worker.index;
         // Off worker 0 the socket moves to the worker's own reactor: out of this one here,
@@ -640,6 +711,28 @@ where
                     }
                 }
             }
+            let stream = match &tls {
+                None => Stream::Plain(stream),
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(opts.tls_handshake_timeout, acceptor.accept(stream));
+                    tokio::select! {
+                        biased;
+                        _ = drained.wait_for(|d| *d) => return,
+                        done = handshake => match done {
+                            Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed; connection closed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake not done within tls_handshake_timeout; connection closed");
+                                return;
+                            }
+                        },
+                    }
+                }
+            };
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let mut closing = false;

@@ -192,3 +192,83 @@ async fn shutdown_delay_keeps_serving_while_not_ready_and_a_second_sigterm_ends_
     assert!(out.contains("shutdown_delay cut short"), "{out}");
     assert!(out.contains("shutdown: drain completed"), "{out}");
 }
+
+/// SIGHUP reloads the config file (issue 11): a changed operation mode applies to the next
+/// call on a running process; a file that does not validate leaves it serving as before, and
+/// says why in its log; neither ends the process (SIGHUP's default action).
+#[tokio::test]
+async fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
+    let gh = FakeGithub::start().await;
+    gh.add_app(CLIENT_ID, CLIENT_SECRET);
+    let token = gh.issue_token(CLIENT_ID, "octocat");
+    let running = start(&gh.url(), "5s").await;
+    let path = running.dir.path().join("config.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let check = format!("{}/applications/{CLIENT_ID}/tokens/{token}", running.url);
+    assert_eq!(call_as_app(Method::GET, &check).await.status, 200);
+    let hup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &running.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let status_within_5s = |want: u16| {
+        let check = check.clone();
+        async move {
+            let until = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = call_as_app(Method::GET, &check).await.status;
+                if got == want {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "still {got}, not {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    std::fs::write(
+        &path,
+        format!("{original}[migration.operations]\ncheck = \"reject\"\n"),
+    )
+    .unwrap();
+    hup();
+    status_within_5s(410).await;
+
+    std::fs::write(
+        &path,
+        format!("{original}[migration.operations]\ncheck = \"sometimes\"\n"),
+    )
+    .unwrap();
+    hup();
+    let metrics = format!("http://{}/metrics", running.admin_addr);
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !std::str::from_utf8(&support::get(&metrics).await.body)
+        .unwrap()
+        .contains("oauth_apps_gateway_config_reloads_total{result=\"error\"} 1")
+    {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no failed reload counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(call_as_app(Method::GET, &check).await.status, 410);
+
+    let (status, out) = terminate(running).await;
+    assert!(status.success(), "{status:?}");
+    assert!(out.contains("configuration reloaded"), "{out}");
+    let failed = out
+        .lines()
+        .find(|l| l.contains("configuration reload failed"))
+        .unwrap_or_else(|| panic!("no failed reload logged: {out}"));
+    assert!(
+        failed.contains("migration.operations.check") && failed.contains("sometimes"),
+        "{failed}"
+    );
+}

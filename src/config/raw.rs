@@ -40,6 +40,9 @@ pub struct RawServer {
     pub max_request_head_bytes: usize,
     pub max_request_headers: usize,
     pub http2_max_concurrent_streams: u32,
+    pub tls_cert_file: Option<String>,
+    pub tls_key_file: Option<String>,
+    pub tls_handshake_timeout: String,
 }
 
 impl Default for RawServer {
@@ -63,6 +66,9 @@ impl Default for RawServer {
             max_request_head_bytes: 16 * 1024,
             max_request_headers: 100,
             http2_max_concurrent_streams: 100,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_handshake_timeout: "10s".into(),
         }
     }
 }
