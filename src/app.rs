@@ -306,10 +306,9 @@ pub async fn run_with(
     // The admin listener is served on worker 0 alone.
     let admin_task = tokio::spawn(async move {
         server::serve(
-            listeners.admin,
+            server::Listener::plain(listeners.admin),
             admin_make_service,
             watch::channel(admin_opts).1,
-            None,
             &Workers::local(),
             async {
                 let _ = admin_stopped.await;
@@ -367,10 +366,12 @@ pub async fn run_with(
         let _ = drain_started.set(tokio::time::Instant::now());
     };
     let outcome = server::serve(
-        listeners.proxy,
+        server::Listener {
+            tcp: listeners.proxy,
+            tls: tls.as_ref().map(Certificates::acceptor),
+        },
         make_service,
         serve_options_rx.clone(),
-        tls.as_ref().map(Certificates::acceptor),
         &workers,
         drain_signal,
         || cut_off(&drained),

@@ -514,6 +514,22 @@ fn connection_builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// A listening socket, and the TLS acceptor when connections to it speak TLS.
+#[derive(Debug)]
+pub struct Listener {
+    /// The socket.
+    pub tcp: TcpListener,
+    /// `Some` for HTTPS (`server.tls_cert_file`): each connection's handshake first.
+    pub tls: Option<Acceptor>,
+}
+
+impl Listener {
+    /// A plain-TCP listener.
+    pub fn plain(tcp: TcpListener) -> Self {
+        Listener { tcp, tls: None }
+    }
+}
+
 /// A client connection: plain TCP, or TLS over it (`server.tls_cert_file`).
 enum Stream {
     Plain(TcpStream),
@@ -597,10 +613,9 @@ pub enum DrainOutcome {
 /// `make_service` is called once per connection with the peer address and that worker's index.
 /// Must run on worker 0's runtime.
 pub async fn serve<M, S, B>(
-    listener: TcpListener,
+    listener: Listener,
     make_service: M,
     mut options: watch::Receiver<ServeOptions>,
-    tls: Option<Acceptor>,
     workers: &Workers,
     shutdown: impl Future<Output = ()>,
     cut_off: impl FnOnce(),
@@ -614,6 +629,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let Listener { tcp: listener, tls } = listener;
     let mut opts = *options.borrow_and_update();
     let mut builder = Arc::new(connection_builder(&opts));
     let limits = Arc::new(Limits {
