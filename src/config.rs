@@ -1499,16 +1499,246 @@ mod tests {
 
     #[test]
     fn wrong_types_are_named_in_the_files_terms() {
-        // A negative number where a count is expected: no Rust type names.
+        // The wording for its two examples.
         let msg = err("[server]\nmax_request_headers = -5\n");
-        assert!(msg.contains("server.max_request_headers"), "{msg}");
-        assert!(msg.contains("a non-negative whole number"), "{msg}");
-        assert!(!msg.contains("u32") && !msg.contains("usize"), "{msg}");
-        // An unquoted date where a string is expected: say to quote it.
+        assert_eq!(
+            msg,
+            "`server.max_request_headers` must be a non-negative whole number, not -5 (line 2, column 23)"
+        );
         let msg = err("[migration]\nsunset_date = 2027-06-30\n");
-        assert!(msg.contains("migration.sunset_date"), "{msg}");
-        assert!(msg.contains("quoted string, like \"2027-06-30\""), "{msg}");
-        assert!(msg.contains("line 2"), "{msg}");
+        assert_eq!(
+            msg,
+            "`migration.sunset_date` must be a quoted string like \"2027-06-30\", not the unquoted date 2027-06-30 (line 2, column 15)"
+        );
+        // Every kind of value where each kind of key is expected: the message names the key,
+        // what it takes and what was found in TOML's words, never serde's or Rust's.
+        const FORBIDDEN: &[&str] = &[
+            "u8",
+            "u16",
+            "u32",
+            "u64",
+            "usize",
+            "i64",
+            "i128",
+            "f64",
+            "map",
+            "sequence",
+            "struct",
+            "Raw",
+            "enum",
+            "variant",
+            "Option",
+            "String",
+            "Vec",
+            "floating point",
+            "invalid type",
+            "invalid value",
+            "borrowed",
+        ];
+        let cases: &[(&str, &str, &str)] = &[
+            // (text, key, what it must be)
+            (
+                "[server]\nmax_request_body_bytes = \"big\"",
+                "server.max_request_body_bytes",
+                "a non-negative whole number, not the string \"big\"",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 1.5",
+                "server.max_request_body_bytes",
+                "a non-negative whole number, not 1.5",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 1e3",
+                "server.max_request_body_bytes",
+                "a non-negative whole number, not 1e3",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = nan",
+                "server.max_request_body_bytes",
+                "not nan",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = true",
+                "server.max_request_body_bytes",
+                "a non-negative whole number, not true",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = [1]",
+                "server.max_request_body_bytes",
+                "not an array",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = {a = 1}",
+                "server.max_request_body_bytes",
+                "not a table",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 2027-06-30",
+                "server.max_request_body_bytes",
+                "not the unquoted date 2027-06-30",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 99999999999999999999",
+                "server.max_request_body_bytes",
+                "a whole number from 0 to 18446744073709551615",
+            ),
+            (
+                "[server]\nmax_request_headers = -1",
+                "server.max_request_headers",
+                "a non-negative whole number, not -1",
+            ),
+            (
+                "[server]\nhttp2_max_concurrent_streams = 5000000000",
+                "server.http2_max_concurrent_streams",
+                "a whole number from 0 to 4294967295, not 5000000000",
+            ),
+            (
+                "[server]\nworker_threads = \"4\"",
+                "server.worker_threads",
+                "a non-negative whole number",
+            ),
+            (
+                "[server]\nworker_threads = -4",
+                "server.worker_threads",
+                "a non-negative whole number, not -4",
+            ),
+            (
+                "[failed_checks]\ncredential_burst = -5",
+                "failed_checks.credential_burst",
+                "a non-negative whole number, not -5",
+            ),
+            (
+                "[server]\nlisten = 8080",
+                "server.listen",
+                "a quoted string, not 8080",
+            ),
+            (
+                "[server]\nlisten = 1.5",
+                "server.listen",
+                "a quoted string, not 1.5",
+            ),
+            (
+                "[server]\nlisten = false",
+                "server.listen",
+                "a quoted string, not false",
+            ),
+            (
+                "[server]\nlisten = [\"127.0.0.1:1\"]",
+                "server.listen",
+                "a quoted string, not an array",
+            ),
+            (
+                "[server]\nlisten = {ip = \"127.0.0.1\"}",
+                "server.listen",
+                "a quoted string, not a table",
+            ),
+            (
+                "[server.listen]\nip = \"127.0.0.1\"",
+                "server.listen",
+                "a quoted string, not a table",
+            ),
+            (
+                "[server]\nrequest_timeout = 30",
+                "server.request_timeout",
+                "a quoted string, not 30",
+            ),
+            (
+                "[server]\nrequest_timeout = 00:00:30",
+                "server.request_timeout",
+                "a quoted string like \"00:00:30\", not the unquoted time 00:00:30",
+            ),
+            (
+                "[migration]\ndeprecation_date = 2020-02-14T00:00:00Z",
+                "migration.deprecation_date",
+                "a quoted string like \"2020-02-14T00:00:00Z\", not the unquoted date-time",
+            ),
+            (
+                "[upstream]\nca_file = 1",
+                "upstream.ca_file",
+                "a quoted string, not 1",
+            ),
+            (
+                "[migration]\nstatus_compat = \"yes\"",
+                "migration.status_compat",
+                "true or false, not the string \"yes\"",
+            ),
+            (
+                "[migration]\nstatus_compat = 1",
+                "migration.status_compat",
+                "true or false, not 1",
+            ),
+            (
+                "[failed_checks]\nenabled = \"false\"",
+                "failed_checks.enabled",
+                "true or false",
+            ),
+            (
+                "[failed_checks]\ntrusted_proxies = \"10.0.0.0/8\"",
+                "failed_checks.trusted_proxies",
+                "an array, not the string \"10.0.0.0/8\"",
+            ),
+            (
+                "[failed_checks]\ntrusted_proxies = [\"10.0.0.0/8\", 10]",
+                "failed_checks.trusted_proxies[1]",
+                "a quoted string, not 10",
+            ),
+            ("server = 5", "server", "a table, not 5"),
+            (
+                "migration = \"observe\"",
+                "migration",
+                "a table, not the string \"observe\"",
+            ),
+            (
+                "[migration]\noperations = \"reject\"",
+                "migration.operations",
+                "a table, not the string \"reject\"",
+            ),
+            (
+                "[migration]\nbrownouts = 5",
+                "migration.brownouts",
+                "an array, not 5",
+            ),
+            (
+                "[migration.brownouts]\nstart = 2027-03-01T14:00:00Z",
+                "migration.brownouts",
+                "[[migration.brownouts]]), not a table",
+            ),
+            (
+                "[migration]\nbrownouts = [1]",
+                "migration.brownouts[0]",
+                "a table, not 1",
+            ),
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\nstatus = \"503\"",
+                "migration.brownouts[0].status",
+                "a non-negative whole number, not the string \"503\"",
+            ),
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\nstatus = 70000",
+                "migration.brownouts[0].status",
+                "a whole number from 0 to 65535, not 70000",
+            ),
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\noperations = \"check\"",
+                "migration.brownouts[0].operations",
+                "an array, not the string \"check\"",
+            ),
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\noperations = [true]",
+                "migration.brownouts[0].operations[0]",
+                "a quoted string, not true",
+            ),
+        ];
+        for (text, key, wanted) in cases {
+            let msg = err(text);
+            let want = format!("`{key}` must be ");
+            assert!(msg.starts_with(&want), "{text:?}: {msg:?} lacks {want:?}");
+            assert!(msg.contains(wanted), "{text:?}: {msg:?} lacks {wanted:?}");
+            assert!(msg.contains("(line "), "{text:?}: {msg:?}");
+            for word in FORBIDDEN {
+                assert!(!msg.contains(word), "{text:?}: {msg:?} says {word:?}");
+            }
+        }
     }
 
     #[test]

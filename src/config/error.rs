@@ -1,7 +1,7 @@
 //! [`ConfigError`]: why a config could not be loaded, and where in the file. A value error is
 //! pointed at its line and column once validation has failed, by finding its dotted key again
-//! in the document (spans are not carried through validation). Reads no file; `Config::load`
-//! adds the file's name.
+//! in the document (spans are not carried through validation); serde's type errors are put in
+//! TOML's terms, never a Rust type's. Reads no file; `Config::load` adds the file's name.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -25,9 +25,10 @@ pub enum ConfigError {
     Syntax {
         /// The file that was read; empty for [`Config::from_toml_str`](super::Config::from_toml_str).
         path: PathBuf,
-        /// `"<dotted.key>: "`, or empty when the error is not inside a key.
+        /// `"<dotted.key>: "`, or empty when the error is not inside a key or the message names
+        /// the key itself.
         key_prefix: String,
-        /// What the TOML parser or serde reported.
+        /// What the TOML parser reported, or serde's report put in TOML's terms.
         message: String,
         /// 1-based line of the error.
         line: usize,
@@ -122,12 +123,16 @@ impl ConfigError {
             .span()
             .map(|s| line_column(text, s.start))
             .unwrap_or((1, 1));
-        let value = err.span().and_then(|s| text.get(s));
-        let key_prefix = match key {
-            "" | "." => String::new(),
-            key => format!("{key}: "),
+        let message = err.message().trim_end();
+        let key = if key == "." { "" } else { key };
+        let found = DeTable::parse(text)
+            .ok()
+            .and_then(|doc| find(doc.get_ref(), key).map(|v| describe(v, text)));
+        let (key_prefix, message) = match found.and_then(|found| wrong_type(key, message, &found)) {
+            Some(sentence) => (String::new(), sentence),
+            None if key.is_empty() => (String::new(), message.to_owned()),
+            None => (format!("{key}: "), message.to_owned()),
         };
-        let message = in_file_terms(err.message().trim_end(), value);
         ConfigError::Syntax {
             path: PathBuf::new(),
             key_prefix,
@@ -187,27 +192,74 @@ fn find<'a, 'i>(root: &'a DeTable<'i>, key: &str) -> Option<&'a Spanned<DeValue<
     value
 }
 
-/// serde's wording for a value of the wrong type, put in the file's terms: Rust's unsigned
-/// types become "a non-negative whole number", and an unquoted TOML date or time where a string
-/// is expected says to quote it. `value` is the text of the value in the file, when known.
-fn in_file_terms(message: &str, value: Option<&str>) -> String {
-    if let Some(v) = value.map(str::trim)
-        && message.starts_with("invalid type: map, expected a string")
-        && v.as_bytes().first().is_some_and(u8::is_ascii_digit)
-    {
-        return format!(
-            "{v} is an unquoted TOML date or time; this key takes a quoted string, like \"{v}\""
-        );
-    }
-    let mut message = message.to_owned();
-    for unsigned in ["u8", "u16", "u32", "u64", "usize"] {
-        let rust = format!("expected {unsigned}");
-        if message.ends_with(&rust) {
-            message.truncate(message.len() - rust.len());
-            message.push_str("expected a non-negative whole number");
+/// A value found in the file, as a sentence can name it.
+struct Found {
+    /// `the string "x"`, `-5`, `the unquoted date 2027-06-30`, `an array`, `a table`...
+    words: String,
+    /// Whether it is a non-negative integer.
+    non_negative_integer: bool,
+    /// The text of a TOML date or time, which the operator meant as a string.
+    datetime: Option<String>,
+}
+
+fn describe(v: &Spanned<DeValue<'_>>, text: &str) -> Found {
+    let written = text.get(v.span()).unwrap_or_default().trim().to_owned();
+    let mut found = Found {
+        words: written.clone(),
+        non_negative_integer: false,
+        datetime: None,
+    };
+    match v.get_ref() {
+        DeValue::String(s) => found.words = format!("the string {s:?}"),
+        DeValue::Integer(_) => found.non_negative_integer = !written.starts_with('-'),
+        DeValue::Float(_) | DeValue::Boolean(_) => {}
+        DeValue::Datetime(d) => {
+            let kind = match (d.date.is_some(), d.time.is_some()) {
+                (true, false) => "date",
+                (false, true) => "time",
+                _ => "date-time",
+            };
+            found.words = format!("the unquoted {kind} {written}");
+            found.datetime = Some(written);
         }
+        DeValue::Array(_) => found.words = "an array".into(),
+        DeValue::Table(_) => found.words = "a table".into(),
     }
-    message
+    found
+}
+
+/// serde's report of a value of the wrong TOML type (`invalid type: map, expected u32`) as
+/// "`key` must be ..., not ...", in the file's terms. `None` for other reports (unknown or
+/// missing keys), which keep serde's wording.
+fn wrong_type(key: &str, message: &str, found: &Found) -> Option<String> {
+    let (_, expected) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))?
+        .rsplit_once(", expected ")?;
+    let largest = match expected {
+        "u8" => Some(u64::from(u8::MAX)),
+        "u16" => Some(u64::from(u16::MAX)),
+        "u32" => Some(u64::from(u32::MAX)),
+        "u64" | "usize" => Some(u64::MAX),
+        _ => None,
+    };
+    let expected = match (expected, largest) {
+        (_, Some(max)) if found.non_negative_integer => format!("a whole number from 0 to {max}"),
+        (_, Some(_)) => "a non-negative whole number".into(),
+        ("a string", _) => match &found.datetime {
+            Some(written) => format!("a quoted string like \"{written}\""),
+            None => "a quoted string".into(),
+        },
+        ("a boolean", _) => "true or false".into(),
+        ("a sequence", _) if found.words == "a table" => {
+            format!("an array (an array of tables is written with double brackets: [[{key}]])")
+        }
+        ("a sequence", _) => "an array".into(),
+        ("a map", _) => "a table".into(),
+        (s, _) if s.starts_with("struct ") => "a table".into(),
+        _ => return None,
+    };
+    Some(format!("`{key}` must be {expected}, not {}", found.words))
 }
 
 /// 1-based line and character column of byte offset `at` in `text`.
