@@ -341,8 +341,8 @@ pub enum LogFormat {
 }
 
 impl Config {
-    /// Reads and validates the TOML file at `path`. A relative `upstream.ca_file` is resolved
-    /// against the directory of `path`.
+    /// Reads and validates the TOML file at `path`. A relative path in it (`upstream.ca_file`) is
+    /// resolved against the directory of `path`.
     ///
     /// # Errors
     /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Syntax`] for bad TOML,
@@ -355,16 +355,24 @@ impl Config {
             source,
         })?;
         let mut config = Self::from_toml_str(&text).map_err(|e| e.with_path(path))?;
-        // A relative path in the file means relative to the file, not to the working directory.
-        if let Some(ca_file) = config.upstream.ca_file.as_mut()
-            && ca_file.is_relative()
-        {
-            *ca_file = path.parent().unwrap_or(Path::new("")).join(&*ca_file);
-        }
+        // Absolute, so that an error about a file it names shows where that file was looked for.
+        let file = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        config.resolve_relative_paths(file.parent().unwrap_or(Path::new("")));
         Ok(config)
     }
 
-    /// Parses and validates TOML text (no file name in errors).
+    /// Makes every relative path the file names relative to `dir`, the file's directory, not to
+    /// the working directory. A key that names a file is added to the list here.
+    fn resolve_relative_paths(&mut self, dir: &Path) {
+        let files = [self.upstream.ca_file.as_mut()];
+        for file in files.into_iter().flatten() {
+            if file.is_relative() {
+                *file = dir.join(&*file);
+            }
+        }
+    }
+
+    /// Parses and validates TOML text: no file name in errors, relative paths left as written.
     ///
     /// # Errors
     /// As [`Config::load`], without [`ConfigError::Read`].
