@@ -1,10 +1,14 @@
 //! The validated configuration: typed values (`SocketAddr`, `Uri`, `Duration`) built once from
 //! config.toml, so nothing after loading re-parses a string. Loading is two stages: serde reads
 //! `raw::RawConfig` (unknown keys rejected), then `Config::from_raw` checks every value. Every
-//! error names the dotted key, the value found and what was expected. No I/O beyond reading the
-//! file; runtime objects (listeners, TLS, clients) are built from this by `app`.
+//! error names the dotted key, the value found, what was expected and where the value is
+//! (`error::ConfigError`). No I/O beyond reading the file; runtime objects (listeners, TLS,
+//! clients) are built from this by `app`.
 
+mod error;
 mod raw;
+
+pub use error::{ConfigError, Location};
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -352,123 +356,54 @@ pub enum LogFormat {
     Text,
 }
 
-/// Why a configuration could not be loaded. Its `Display` is the message for the operator.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file that was opened.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML, or a key has the wrong TOML type or is unknown.
-    #[error("{path}: {key_prefix}{message} (line {line}, column {column})")]
-    Syntax {
-        /// The file that was read.
-        path: PathBuf,
-        /// `"<dotted.key>: "`, or empty when the error is not inside a key.
-        key_prefix: String,
-        /// What the TOML parser or serde reported.
-        message: String,
-        /// 1-based line of the error.
-        line: usize,
-        /// 1-based column of the error, in characters.
-        column: usize,
-    },
-    /// A key has a value of the right TOML type that is not acceptable.
-    #[error("{}invalid value for `{key}`: {value} (expected {expected})", display_path(.path))]
-    Invalid {
-        /// The file that was read, if any.
-        path: Option<PathBuf>,
-        /// The dotted key, e.g. `server.listen`.
-        key: &'static str,
-        /// The value as written (quoted when it was a string).
-        value: String,
-        /// What would have been accepted.
-        expected: String,
-    },
-    /// A key of an earlier release that was replaced; the message names its replacement.
-    #[error("{}`{key}` is no longer read: use `{replacement}` ({why})", display_path(.path))]
-    Replaced {
-        /// The file that was read, if any.
-        path: Option<PathBuf>,
-        /// The old dotted key.
-        key: &'static str,
-        /// The dotted key that replaced it.
-        replacement: &'static str,
-        /// Why it changed.
-        why: &'static str,
-    },
-}
-
-fn display_path(path: &Option<PathBuf>) -> String {
-    path.as_ref()
-        .map(|p| format!("{}: ", p.display()))
-        .unwrap_or_default()
-}
-
 impl Config {
-    /// Reads and validates the TOML file at `path`. A relative `upstream.ca_file` is resolved
-    /// against the directory of `path`.
+    /// Reads and validates the TOML file at `path`. A relative path in it (`upstream.ca_file`) is
+    /// resolved against the directory of `path`.
     ///
     /// # Errors
     /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Syntax`] for bad TOML,
-    /// a wrong type or an unknown key (with line and column), [`ConfigError::Invalid`] for a
-    /// value out of range; each names the dotted key.
+    /// a wrong type or an unknown key, [`ConfigError::Invalid`] for a value out of range,
+    /// [`ConfigError::Replaced`] for a key of an earlier release; each names the file and the
+    /// dotted key, and says where the value is: line and column, or that it is a default.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
         let mut config = Self::from_toml_str(&text).map_err(|e| e.with_path(path))?;
-        // A relative path in the file means relative to the file, not to the working directory.
-        let dir = path.parent().unwrap_or(Path::new(""));
-        let tls = config.server.tls.as_mut();
-        for file in config
-            .upstream
-            .ca_file
-            .iter_mut()
-            .chain(tls.into_iter().flat_map(|t| [&mut t.cert, &mut t.key]))
-        {
+        // Absolute, so that an error about a file it names shows where that file was looked for.
+        let file = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        config.resolve_relative_paths(file.parent().unwrap_or(Path::new("")));
+        Ok(config)
+    }
+
+    /// Makes every relative path the file names relative to `dir`, the file's directory, not to
+    /// the working directory. A key that names a file is added to the list here.
+    fn resolve_relative_paths(&mut self, dir: &Path) {
+        let tls = self.server.tls.as_mut();
+        let (cert, key) = match tls {
+            Some(t) => (Some(&mut t.cert), Some(&mut t.key)),
+            None => (None, None),
+        };
+        let files = [self.upstream.ca_file.as_mut(), cert, key];
+        for file in files.into_iter().flatten() {
             if file.is_relative() {
                 *file = dir.join(&*file);
             }
         }
-        Ok(config)
     }
 
-    /// Parses and validates TOML text (no file name in errors).
+    /// Parses and validates TOML text: no file name in errors, relative paths left as written.
     ///
     /// # Errors
     /// As [`Config::load`], without [`ConfigError::Read`].
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let syntax = |key_prefix: String, err: toml::de::Error| {
-            let (line, column) = err
-                .span()
-                .map(|s| line_column(text, s.start))
-                .unwrap_or((1, 1));
-            let value = err.span().and_then(|s| text.get(s));
-            ConfigError::Syntax {
-                path: PathBuf::new(),
-                key_prefix,
-                message: in_file_terms(err.message().trim_end(), value),
-                line,
-                column,
-            }
-        };
-        let de = toml::Deserializer::parse(text).map_err(|e| syntax(String::new(), e))?;
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::syntax(text, "", e))?;
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
-            let prefix = if key == "." || key.is_empty() {
-                String::new()
-            } else {
-                format!("{key}: ")
-            };
-            syntax(prefix, e.into_inner())
+            ConfigError::syntax(text, &key, e.into_inner())
         })?;
-        Self::from_raw(raw)
+        Self::from_raw(raw).map_err(|e| e.located(text))
     }
 
     /// Validates the serde mirror of the file.
@@ -532,11 +467,14 @@ impl Config {
                 MIN_BUFFERED_BODY_BYTES,
                 MAX_BUFFERED_BODY_BYTES,
             )?,
-            max_buffered_body_bytes_per_ip: in_range(
+            max_buffered_body_bytes_per_ip: up_to_key(
                 "server.max_buffered_body_bytes_per_ip",
                 raw.server.max_buffered_body_bytes_per_ip,
                 MIN_BUFFERED_BODY_BYTES,
-                raw.server.max_buffered_body_bytes,
+                (
+                    "server.max_buffered_body_bytes",
+                    raw.server.max_buffered_body_bytes,
+                ),
             )?,
             max_connections: in_range(
                 "server.max_connections",
@@ -544,11 +482,11 @@ impl Config {
                 1,
                 MAX_CONNECTIONS_LIMIT,
             )?,
-            max_connections_per_ip: in_range(
+            max_connections_per_ip: up_to_key(
                 "server.max_connections_per_ip",
                 raw.server.max_connections_per_ip,
                 1,
-                raw.server.max_connections.max(1),
+                ("server.max_connections", raw.server.max_connections.max(1)),
             )?,
             max_request_head_bytes: in_range(
                 "server.max_request_head_bytes",
@@ -686,6 +624,7 @@ impl Config {
                     key: old,
                     replacement: new,
                     why: "failures are charged to the credential the caller presents, never to the client_id it names, so nobody can spend another app's quota",
+                    at: Location::Default,
                 });
             }
         }
@@ -732,7 +671,8 @@ impl Config {
             trusted_proxies: f
                 .trusted_proxies
                 .iter()
-                .map(|v| parse_cidr("failed_checks.trusted_proxies", v))
+                .enumerate()
+                .map(|(i, v)| parse_cidr(&format!("failed_checks.trusted_proxies[{i}]"), v))
                 .collect::<Result<_, _>>()?,
         };
         let log = LogConfig {
@@ -772,49 +712,6 @@ impl Default for Config {
     }
 }
 
-impl ConfigError {
-    fn with_path(self, file: &Path) -> Self {
-        match self {
-            ConfigError::Syntax {
-                key_prefix,
-                message,
-                line,
-                column,
-                ..
-            } => ConfigError::Syntax {
-                path: file.to_owned(),
-                key_prefix,
-                message,
-                line,
-                column,
-            },
-            ConfigError::Invalid {
-                key,
-                value,
-                expected,
-                ..
-            } => ConfigError::Invalid {
-                path: Some(file.to_owned()),
-                key,
-                value,
-                expected,
-            },
-            ConfigError::Replaced {
-                key,
-                replacement,
-                why,
-                ..
-            } => ConfigError::Replaced {
-                path: Some(file.to_owned()),
-                key,
-                replacement,
-                why,
-            },
-            other => other,
-        }
-    }
-}
-
 impl fmt::Display for LogFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -848,48 +745,12 @@ fn parse_tls_files(cert: Option<&str>, key: Option<&str>) -> Result<Option<TlsFi
     }
 }
 
-fn invalid(key: &'static str, value: String, expected: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        path: None,
-        key,
-        value,
-        expected: expected.into(),
-    }
+fn invalid(key: &str, value: String, expected: impl Into<String>) -> ConfigError {
+    ConfigError::invalid(key, value, expected)
 }
 
 fn quoted(s: &str) -> String {
     format!("{s:?}")
-}
-
-/// serde's wording for a value of the wrong type, put in the file's terms: Rust's unsigned
-/// types become "a non-negative whole number", and an unquoted TOML date or time where a string
-/// is expected says to quote it. `value` is the text of the value in the file, when known.
-fn in_file_terms(message: &str, value: Option<&str>) -> String {
-    if let Some(v) = value.map(str::trim)
-        && message.starts_with("invalid type: map, expected a string")
-        && v.as_bytes().first().is_some_and(u8::is_ascii_digit)
-    {
-        return format!(
-            "{v} is an unquoted TOML date or time; this key takes a quoted string, like \"{v}\""
-        );
-    }
-    let mut message = message.to_owned();
-    for unsigned in ["u8", "u16", "u32", "u64", "usize"] {
-        let rust = format!("expected {unsigned}");
-        if message.ends_with(&rust) {
-            message.truncate(message.len() - rust.len());
-            message.push_str("expected a non-negative whole number");
-        }
-    }
-    message
-}
-
-/// 1-based line and character column of byte offset `at` in `text`.
-fn line_column(text: &str, at: usize) -> (usize, usize) {
-    let before = &text[..at.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
 }
 
 fn parse_socket_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -941,6 +802,23 @@ fn in_range(key: &'static str, value: usize, min: usize, max: usize) -> Result<u
     Ok(value)
 }
 
+/// As [`in_range`], up to the value of another key, which the message names: the key checked
+/// may be absent from the file, its default being what does not fit.
+fn up_to_key(
+    key: &'static str,
+    value: usize,
+    min: usize,
+    (bound_key, max): (&str, usize),
+) -> Result<usize, ConfigError> {
+    in_range(key, value, min, max).map_err(|_| {
+        invalid(
+            key,
+            value.to_string(),
+            format!("a number from {min} to {max}, the value of `{bound_key}`"),
+        )
+    })
+}
+
 fn at_most(key: &'static str, value: usize, limit: usize) -> Result<usize, ConfigError> {
     if value > limit {
         return Err(invalid(
@@ -961,7 +839,7 @@ fn at_least_one(key: &'static str, value: u32) -> Result<u32, ConfigError> {
 
 /// A CIDR (`10.0.0.0/8`, `fd00::/8`) or a single address (taken as /32 or /128). IPv4-mapped
 /// IPv6 forms (`::ffff:10.0.0.0/104`) become IPv4, as peers are compared in IPv4 form.
-fn parse_cidr(key: &'static str, value: &str) -> Result<ipnet::IpNet, ConfigError> {
+fn parse_cidr(key: &str, value: &str) -> Result<ipnet::IpNet, ConfigError> {
     value
         .parse::<ipnet::IpNet>()
         .or_else(|_| value.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
@@ -1020,7 +898,9 @@ fn parse_date(key: &'static str, value: &str) -> Result<SystemTime, ConfigError>
 fn parse_brownouts(raw: &[raw::RawBrownout]) -> Result<Vec<Brownout>, ConfigError> {
     let mut out: Vec<Brownout> = Vec::with_capacity(raw.len());
     for (i, b) in raw.iter().enumerate() {
-        let time = |key: &'static str, v: &toml::Value| {
+        // Keys name the entry by its index, as serde's type errors do, so it can be located.
+        let key = |name: &str| format!("migration.brownouts[{i}]{name}");
+        let time = |name: &str, v: &toml::Value| {
             let text = match v {
                 toml::Value::String(s) => s.clone(),
                 toml::Value::Datetime(d) => d.to_string(),
@@ -1033,18 +913,18 @@ fn parse_brownouts(raw: &[raw::RawBrownout]) -> Result<Vec<Brownout>, ConfigErro
                 .filter(|_| text.len() > 10 && text.ends_with(['Z', 'z']))
                 .ok_or_else(|| {
                     invalid(
-                        key,
-                        format!("{} (window {})", other_quoted(v), i + 1),
+                        &key(name),
+                        other_quoted(v),
                         "an RFC 3339 UTC time ending in Z, such as 2027-03-01T14:00:00Z (no offset, no local time)",
                     )
                 })
         };
-        let start = time("migration.brownouts.start", &b.start)?;
-        let end = time("migration.brownouts.end", &b.end)?;
+        let start = time(".start", &b.start)?;
+        let end = time(".end", &b.end)?;
         if end <= start {
             return Err(invalid(
-                "migration.brownouts.end",
-                format!("{} (window {})", other_quoted(&b.end), i + 1),
+                &key(".end"),
+                other_quoted(&b.end),
                 "a time after the window's start",
             ));
         }
@@ -1058,7 +938,7 @@ fn parse_brownouts(raw: &[raw::RawBrownout]) -> Result<Vec<Brownout>, ConfigErro
                     revoke_grant: false,
                     revoke_all: false,
                 };
-                for name in names {
+                for (k, name) in names.iter().enumerate() {
                     let slot = match name.as_str() {
                         "check" => &mut set.check,
                         "reset" => &mut set.reset,
@@ -1067,8 +947,8 @@ fn parse_brownouts(raw: &[raw::RawBrownout]) -> Result<Vec<Brownout>, ConfigErro
                         "revoke_all" => &mut set.revoke_all,
                         other => {
                             return Err(invalid(
-                                "migration.brownouts.operations",
-                                format!("{} (window {})", quoted(other), i + 1),
+                                &key(&format!(".operations[{k}]")),
+                                quoted(other),
                                 "\"check\", \"reset\", \"revoke_token\", \"revoke_grant\" or \"revoke_all\"",
                             ));
                         }
@@ -1083,8 +963,8 @@ fn parse_brownouts(raw: &[raw::RawBrownout]) -> Result<Vec<Brownout>, ConfigErro
             503 => true,
             other => {
                 return Err(invalid(
-                    "migration.brownouts.status",
-                    format!("{other} (window {})", i + 1),
+                    &key(".status"),
+                    other.to_string(),
                     "410 (Gone) or 503 (Service Unavailable, with Retry-After until the end)",
                 ));
             }
@@ -1102,8 +982,8 @@ fn parse_brownouts(raw: &[raw::RawBrownout]) -> Result<Vec<Brownout>, ConfigErro
                 && w.unavailable != window.unavailable
         }) {
             return Err(invalid(
-                "migration.brownouts",
-                format!("windows {} and {}", j + 1, i + 1),
+                &key(""),
+                format!("a window overlapping migration.brownouts[{j}]"),
                 "windows that, where they overlap for the same operation, give the same status",
             ));
         }
@@ -1361,51 +1241,63 @@ mod tests {
     }
 
     #[test]
-    fn brownout_errors_name_the_key_the_window_and_the_fix() {
+    fn brownout_errors_name_the_entry_its_position_and_the_fix() {
         let w = |body: &str| format!("[[migration.brownouts]]\n{body}\n");
         let cases: &[(String, &[&str])] = &[
             (
                 w("start = \"2027-03-01T15:00:00Z\"\nend = \"2027-03-01T14:00:00Z\""),
                 &[
-                    "migration.brownouts.end",
-                    "window 1",
+                    "`migration.brownouts[0].end`",
                     "after the window's start",
+                    "(line 3, column 7)",
                 ],
             ),
             (
                 w("start = \"tomorrow\"\nend = \"2027-03-01T14:00:00Z\""),
-                &["migration.brownouts.start", "\"tomorrow\"", "RFC 3339"],
+                &[
+                    "`migration.brownouts[0].start`",
+                    "\"tomorrow\"",
+                    "RFC 3339",
+                    "(line 2, column 9)",
+                ],
             ),
             (
                 w("start = \"2027-03-01\"\nend = \"2027-03-02\""),
-                &["migration.brownouts.start", "RFC 3339"],
+                &["`migration.brownouts[0].start`", "RFC 3339"],
             ),
             (
                 w("start = 2027-03-01T14:00:00+02:00\nend = 2027-03-01T18:00:00Z"),
                 &[
-                    "migration.brownouts.start",
+                    "`migration.brownouts[0].start`",
                     "2027-03-01T14:00:00+02:00",
                     "ending in Z",
                 ],
             ),
             (
                 w("start = 2027-03-01T14:00:00.5+02:00\nend = 2027-03-01T18:00:00Z"),
-                &["migration.brownouts.start", "ending in Z"],
+                &["`migration.brownouts[0].start`", "ending in Z"],
             ),
             (
                 w("start = 2027-03-01T14:00:00\nend = 2027-03-01T18:00:00Z"),
-                &["migration.brownouts.start", "no local time"],
+                &["`migration.brownouts[0].start`", "no local time"],
             ),
             (
                 w("start = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\nstatus = 404"),
-                &["migration.brownouts.status", "404", "410", "503"],
+                &[
+                    "`migration.brownouts[0].status`",
+                    "404",
+                    "410",
+                    "503",
+                    "(line 4, column 10)",
+                ],
             ),
             (
                 w(
                     "start = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\noperations = [\"scope_token\"]",
                 ),
                 &[
-                    "migration.brownouts.operations",
+                    "`migration.brownouts[0].operations[0]`",
+                    "(line 4, column 15)",
                     "\"scope_token\"",
                     "revoke_all",
                 ],
@@ -1413,7 +1305,12 @@ mod tests {
             (
                 w("start = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z")
                     + &w("start = 2027-03-01T14:30:00Z\nend = 2027-03-01T16:00:00Z\nstatus = 503"),
-                &["migration.brownouts", "windows 1 and 2", "same status"],
+                &[
+                    "`migration.brownouts[1]`",
+                    "overlapping migration.brownouts[0]",
+                    "same status",
+                    "(line 4, column 1)",
+                ],
             ),
         ];
         for (text, wanted) in cases {
@@ -1637,6 +1534,9 @@ mod tests {
             for w in *wanted {
                 assert!(msg.contains(w), "{text:?}: {msg:?} lacks {w:?}");
             }
+            // Every bad value in the file is located; only a default has no position.
+            let located = msg.contains(" (line ") || msg.ends_with("(default; not in the file)");
+            assert!(located, "{text:?}: {msg:?} has no position");
         }
     }
 
@@ -1661,16 +1561,389 @@ mod tests {
 
     #[test]
     fn wrong_types_are_named_in_the_files_terms() {
-        // A negative number where a count is expected: no Rust type names.
+        // The wording for its two examples.
         let msg = err("[server]\nmax_request_headers = -5\n");
-        assert!(msg.contains("server.max_request_headers"), "{msg}");
-        assert!(msg.contains("a non-negative whole number"), "{msg}");
-        assert!(!msg.contains("u32") && !msg.contains("usize"), "{msg}");
-        // An unquoted date where a string is expected: say to quote it.
+        assert_eq!(
+            msg,
+            "`server.max_request_headers` must be a non-negative whole number, not -5 (line 2, column 23)"
+        );
         let msg = err("[migration]\nsunset_date = 2027-06-30\n");
-        assert!(msg.contains("migration.sunset_date"), "{msg}");
-        assert!(msg.contains("quoted string, like \"2027-06-30\""), "{msg}");
-        assert!(msg.contains("line 2"), "{msg}");
+        assert_eq!(
+            msg,
+            "`migration.sunset_date` must be a quoted string like \"2027-06-30\", not the unquoted date 2027-06-30 (line 2, column 15)"
+        );
+        // Every kind of value where each kind of key is expected: the message names the key,
+        // what it takes and what was found in TOML's words, never serde's or Rust's.
+        const FORBIDDEN: &[&str] = &[
+            "u8",
+            "u16",
+            "u32",
+            "u64",
+            "usize",
+            "i64",
+            "i128",
+            "f64",
+            "map",
+            "sequence",
+            "struct",
+            "Raw",
+            "enum",
+            "variant",
+            "Option",
+            "String",
+            "Vec",
+            "floating point",
+            "invalid type",
+            "invalid value",
+            "borrowed",
+        ];
+        let cases: &[(&str, &str, &str)] = &[
+            // (text, key, what it must be)
+            (
+                "[server]\nmax_request_body_bytes = \"big\"",
+                "server.max_request_body_bytes",
+                "a non-negative whole number, not the string \"big\"",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 1.5",
+                "server.max_request_body_bytes",
+                "a non-negative whole number, not 1.5",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 1e3",
+                "server.max_request_body_bytes",
+                "a non-negative whole number, not 1e3",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = nan",
+                "server.max_request_body_bytes",
+                "not nan",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = true",
+                "server.max_request_body_bytes",
+                "a non-negative whole number, not true",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = [1]",
+                "server.max_request_body_bytes",
+                "not an array",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = {a = 1}",
+                "server.max_request_body_bytes",
+                "not a table",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 2027-06-30",
+                "server.max_request_body_bytes",
+                "not the unquoted date 2027-06-30",
+            ),
+            (
+                "[server]\nmax_request_body_bytes = 99999999999999999999",
+                "server.max_request_body_bytes",
+                "a whole number from 0 to 18446744073709551615",
+            ),
+            (
+                "[server]\nmax_request_headers = -1",
+                "server.max_request_headers",
+                "a non-negative whole number, not -1",
+            ),
+            (
+                "[server]\nhttp2_max_concurrent_streams = 5000000000",
+                "server.http2_max_concurrent_streams",
+                "a whole number from 0 to 4294967295, not 5000000000",
+            ),
+            (
+                "[server]\nworker_threads = \"4\"",
+                "server.worker_threads",
+                "a non-negative whole number",
+            ),
+            (
+                "[server]\nworker_threads = -4",
+                "server.worker_threads",
+                "a non-negative whole number, not -4",
+            ),
+            (
+                "[failed_checks]\ncredential_burst = -5",
+                "failed_checks.credential_burst",
+                "a non-negative whole number, not -5",
+            ),
+            (
+                "[server]\nlisten = 8080",
+                "server.listen",
+                "a quoted string, not 8080",
+            ),
+            (
+                "[server]\nlisten = 1.5",
+                "server.listen",
+                "a quoted string, not 1.5",
+            ),
+            (
+                "[server]\nlisten = false",
+                "server.listen",
+                "a quoted string, not false",
+            ),
+            (
+                "[server]\nlisten = [\"127.0.0.1:1\"]",
+                "server.listen",
+                "a quoted string, not an array",
+            ),
+            (
+                "[server]\nlisten = {ip = \"127.0.0.1\"}",
+                "server.listen",
+                "a quoted string, not a table",
+            ),
+            (
+                "[server.listen]\nip = \"127.0.0.1\"",
+                "server.listen",
+                "a quoted string, not a table",
+            ),
+            (
+                "[server]\nrequest_timeout = 30",
+                "server.request_timeout",
+                "a quoted string, not 30",
+            ),
+            (
+                "[server]\nrequest_timeout = 00:00:30",
+                "server.request_timeout",
+                "a quoted string like \"00:00:30\", not the unquoted time 00:00:30",
+            ),
+            (
+                "[migration]\ndeprecation_date = 2020-02-14T00:00:00Z",
+                "migration.deprecation_date",
+                "a quoted string like \"2020-02-14T00:00:00Z\", not the unquoted date-time",
+            ),
+            (
+                "[upstream]\nca_file = 1",
+                "upstream.ca_file",
+                "a quoted string, not 1",
+            ),
+            (
+                "[migration]\nstatus_compat = \"yes\"",
+                "migration.status_compat",
+                "true or false, not the string \"yes\"",
+            ),
+            (
+                "[migration]\nstatus_compat = 1",
+                "migration.status_compat",
+                "true or false, not 1",
+            ),
+            (
+                "[failed_checks]\nenabled = \"false\"",
+                "failed_checks.enabled",
+                "true or false",
+            ),
+            (
+                "[failed_checks]\ntrusted_proxies = \"10.0.0.0/8\"",
+                "failed_checks.trusted_proxies",
+                "an array, not the string \"10.0.0.0/8\"",
+            ),
+            (
+                "[failed_checks]\ntrusted_proxies = [\"10.0.0.0/8\", 10]",
+                "failed_checks.trusted_proxies[1]",
+                "a quoted string, not 10",
+            ),
+            ("server = 5", "server", "a table, not 5"),
+            (
+                "migration = \"observe\"",
+                "migration",
+                "a table, not the string \"observe\"",
+            ),
+            (
+                "[migration]\noperations = \"reject\"",
+                "migration.operations",
+                "a table, not the string \"reject\"",
+            ),
+            (
+                "[migration]\nbrownouts = 5",
+                "migration.brownouts",
+                "an array, not 5",
+            ),
+            (
+                "[migration.brownouts]\nstart = 2027-03-01T14:00:00Z",
+                "migration.brownouts",
+                "[[migration.brownouts]]), not a table",
+            ),
+            (
+                "[migration]\nbrownouts = [1]",
+                "migration.brownouts[0]",
+                "a table, not 1",
+            ),
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\nstatus = \"503\"",
+                "migration.brownouts[0].status",
+                "a non-negative whole number, not the string \"503\"",
+            ),
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\nstatus = 70000",
+                "migration.brownouts[0].status",
+                "a whole number from 0 to 65535, not 70000",
+            ),
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\noperations = \"check\"",
+                "migration.brownouts[0].operations",
+                "an array, not the string \"check\"",
+            ),
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\noperations = [true]",
+                "migration.brownouts[0].operations[0]",
+                "a quoted string, not true",
+            ),
+        ];
+        for (text, key, wanted) in cases {
+            let msg = err(text);
+            let want = format!("`{key}` must be ");
+            assert!(msg.starts_with(&want), "{text:?}: {msg:?} lacks {want:?}");
+            assert!(msg.contains(wanted), "{text:?}: {msg:?} lacks {wanted:?}");
+            assert!(msg.contains("(line "), "{text:?}: {msg:?}");
+            for word in FORBIDDEN {
+                assert!(!msg.contains(word), "{text:?}: {msg:?} says {word:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn value_errors_point_at_the_value() {
+        // (text, key, line, column): each value error ends with the position of the value.
+        let cases: &[(&str, &str, usize, usize)] = &[
+            ("[server]\nlisten = \"nonsense\"", "server.listen", 2, 10),
+            (
+                "\n\n[server]\n  request_timeout   =  \"ten\"",
+                "server.request_timeout",
+                4,
+                24,
+            ),
+            (
+                "[server]\nmax_connections = 10\nmax_connections_per_ip = 11",
+                "server.max_connections_per_ip",
+                3,
+                26,
+            ),
+            (
+                "[failed_checks]\ntrusted_proxies = [\n  \"10.0.0.0/8\",\n  \"lb.internal\",\n]",
+                "failed_checks.trusted_proxies[1]",
+                4,
+                3,
+            ),
+            (
+                "[failed_checks]\nmode = \"audit\"",
+                "failed_checks.mode",
+                2,
+                8,
+            ),
+            // A nested table, written three ways.
+            (
+                "[migration.operations]\ncheck = \"rewrite\"\nreset = \"drop\"",
+                "migration.operations.reset",
+                3,
+                9,
+            ),
+            (
+                "[migration]\noperations.reset = \"drop\"",
+                "migration.operations.reset",
+                2,
+                20,
+            ),
+            (
+                "migration = { operations = { reset = \"drop\" } }",
+                "migration.operations.reset",
+                1,
+                38,
+            ),
+            (
+                "[migration]\nsunset_date = \"2020-01-01\"",
+                "migration.sunset_date",
+                2,
+                15,
+            ),
+            (
+                "[migration]\ndeprecation_date = \"14/02/2020\"",
+                "migration.deprecation_date",
+                2,
+                20,
+            ),
+            ("[upstream]\nca_file = \"\"", "upstream.ca_file", 2, 11),
+            (
+                "[admin]\nlisten = \"127.0.0.1:8080\"",
+                "admin.listen",
+                2,
+                10,
+            ),
+            ("[log]\nlevel = \"loud\"", "log.level", 2, 9),
+            // Entries of an array of tables, by index; the second window's fields.
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\n\n[[migration.brownouts]]\nstart = 2027-03-08T14:00:00Z\nend = 2027-03-08T13:00:00Z",
+                "migration.brownouts[1].end",
+                7,
+                7,
+            ),
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\n[[migration.brownouts]]\nstart = 2027-03-08T14:00:00Z\nend = 2027-03-08T15:00:00Z\noperations = [\"check\", \"nope\"]",
+                "migration.brownouts[1].operations[1]",
+                7,
+                24,
+            ),
+            // An overlap points at the later window's header.
+            (
+                "[[migration.brownouts]]\nstart = 2027-03-01T14:00:00Z\nend = 2027-03-01T15:00:00Z\n\n[[migration.brownouts]]\nstart = 2027-03-01T14:30:00Z\nend = 2027-03-01T16:00:00Z\nstatus = 503",
+                "migration.brownouts[1]",
+                5,
+                1,
+            ),
+        ];
+        for (text, key, line, column) in cases {
+            let msg = err(text);
+            assert!(
+                msg.starts_with(&format!("invalid value for `{key}`: ")),
+                "{text:?}: {msg:?} does not name {key:?}"
+            );
+            let at = format!("(line {line}, column {column})");
+            assert!(
+                msg.ends_with(&at),
+                "{text:?}: {msg:?} does not end with {at:?}"
+            );
+        }
+        // A replaced key too.
+        let msg = err("[failed_checks]\n\nclient_id_burst = 10");
+        assert!(msg.ends_with("(line 3, column 19)"), "{msg}");
+        // The position, as data, for callers that point an editor at it.
+        match Config::from_toml_str("[log]\nformat = \"xml\"") {
+            Err(ConfigError::Invalid { key, at, .. }) => {
+                assert_eq!(key, "log.format");
+                assert_eq!(
+                    at,
+                    Location::At {
+                        line: 2,
+                        column: 10
+                    }
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_default_that_conflicts_says_so_and_names_the_other_key() {
+        let msg = err("[server]\nmax_connections = 10\n");
+        assert_eq!(
+            msg,
+            "invalid value for `server.max_connections_per_ip`: 256 (expected a number from 1 to 10, the value of `server.max_connections`) (default; not in the file)"
+        );
+        let msg = err("[server]\nmax_buffered_body_bytes = 200000\n");
+        assert!(
+            msg.contains("`server.max_buffered_body_bytes_per_ip`"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("the value of `server.max_buffered_body_bytes`"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("(default; not in the file)"), "{msg}");
+        let msg = err("[server]\nlisten = \"[::]:9090\"\n");
+        assert!(msg.contains("`admin.listen`"), "{msg}");
+        assert!(msg.contains("server.listen"), "{msg}");
+        assert!(msg.ends_with("(default; not in the file)"), "{msg}");
     }
 
     #[test]
