@@ -96,12 +96,11 @@ fn gate(c: &mut Criterion) {
         .build()
         .expect("a runtime");
     let authorization = HeaderValue::from_static(BASIC);
-    let headers = HeaderMap::new();
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     // Verify the credential once, as the first 2xx does in production.
     runtime.block_on(async {
-        let keys = limiter.keys(Some(&authorization), CLIENT_ID, peer, &headers);
+        let keys = limiter.keys(Some(&authorization), CLIENT_ID, peer);
         match limiter.admit(keys, true, far()).await {
             Admission::Pass(p) => {
                 p.settle(Settle::Accepted);
@@ -111,7 +110,7 @@ fn gate(c: &mut Criterion) {
     });
     c.bench_function("gate: keys + admit + settle (verified app)", |b| {
         b.to_async(&runtime).iter(|| async {
-            let keys = limiter.keys(Some(&authorization), CLIENT_ID, peer, &headers);
+            let keys = limiter.keys(Some(&authorization), CLIENT_ID, peer);
             match limiter.admit(keys, true, far()).await {
                 Admission::Pass(p) => p.settle(Settle::Accepted),
                 other => panic!("a verified app is admitted: {other:?}"),
