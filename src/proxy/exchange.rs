@@ -301,7 +301,10 @@ fn settle(
             answer(settings, pending.obs, resp, outcome)
         }
         Exchanged::Failed(e, elapsed) => {
-            pending.obs.upstream_failed(&e, elapsed);
+            let origin = inner.upstream.origin();
+            pending
+                .obs
+                .upstream_failed(&e, elapsed, origin, settings.request_timeout);
             let err = ProxyError::from_upstream(&e, settings.max_request_body_bytes);
             answer(settings, pending.obs, err.into_response(), outcome)
         }

@@ -257,22 +257,42 @@ impl Observation {
         self.upstream = Some(UpstreamRecord::Answered(elapsed));
     }
 
-    /// Records a failed upstream exchange, `elapsed` after forwarding, and logs why (never a
-    /// URL, header or body).
-    pub fn upstream_failed(&mut self, e: &UpstreamError, elapsed: Duration) {
+    /// Records a failed upstream exchange, `elapsed` after forwarding, and logs why: the
+    /// upstream's `origin` (`scheme://host:port`, never a path or credential), the failure in
+    /// plain words, and which timeout fired with its value (`request_timeout` is
+    /// `server.request_timeout`). Never a URL path, header or body.
+    pub fn upstream_failed(
+        &mut self,
+        e: &UpstreamError,
+        elapsed: Duration,
+        origin: &str,
+        request_timeout: Duration,
+    ) {
         self.upstream = Some(UpstreamRecord::Failed(elapsed));
         if let UpstreamError::Failed { kind, .. } = e {
             self.metrics.upstream_failure(*kind);
         }
         let operation = self.operation_label();
         match e {
-            UpstreamError::Failed { kind, source } => {
+            UpstreamError::Failed {
+                kind,
+                detail,
+                source,
+            } => {
                 let cause = source
                     .as_deref()
                     .map(|s| ErrorChain(s as &(dyn std::error::Error + 'static)));
+                let timeout = detail.timeout(request_timeout);
+                // A string, so the text format quotes it (it has spaces); failures are rare.
+                let failure = detail.describe(request_timeout).to_string();
                 tracing::warn!(
+                    upstream = origin,
                     kind = kind.as_str(),
+                    failure = failure.as_str(),
+                    timeout = timeout.map(|(key, _)| key),
+                    timeout_seconds = timeout.map(|(_, d)| tracing::field::display(Seconds(d))),
                     operation,
+                    request_id = self.facts.request_id.to_str().unwrap_or(""),
                     cause = cause.map(tracing::field::display),
                     "upstream exchange failed"
                 );
