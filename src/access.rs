@@ -106,10 +106,21 @@ pub fn new_request_id() -> HeaderValue {
 /// `Authorization` value in `headers` (its credentials, and a Basic value's decoded client_id and
 /// secret). A secret the request carries nowhere else, and shorter than 8 bytes, is not found.
 pub fn holds_credential(text: &[u8], target: &str, headers: &HeaderMap) -> bool {
-    if TOKEN_PREFIXES.iter().any(|p| contains(text, p))
-        || SCHEMES.iter().any(|s| contains_ignore_case(text, s))
-    {
-        return true;
+    if text.len() < 4 {
+        return false; // shorter than any token prefix or scheme
+    }
+    // One pass for the token prefixes (all start with `g`), one for the schemes (each ends in
+    // the space that follows it).
+    let token = (0..text.len())
+        .filter(|&i| text[i] == b'g')
+        .any(|i| TOKEN_PREFIXES.iter().any(|p| text[i..].starts_with(p)));
+    let scheme = (0..text.len()).filter(|&i| text[i] == b' ').any(|i| {
+        SCHEMES
+            .iter()
+            .any(|s| i + 1 >= s.len() && text[i + 1 - s.len()..=i].eq_ignore_ascii_case(s))
+    });
+    if token || scheme || text.len() < MIN_SECRET_BYTES {
+        return token || scheme;
     }
     let found = |part: &[u8]| part.len() >= MIN_SECRET_BYTES && contains(text, part);
     if target
@@ -127,15 +138,17 @@ pub fn holds_credential(text: &[u8], target: &str, headers: &HeaderMap) -> bool 
             .unwrap_or(false)
 }
 
+/// Whether `needle` occurs in `haystack`: candidates found by their first byte, so most
+/// positions cost one comparison.
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.len() <= haystack.len() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.len() <= haystack.len()
-        && haystack
-            .windows(needle.len())
-            .any(|w| w.eq_ignore_ascii_case(needle))
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    if needle.len() > haystack.len() {
+        return false;
+    }
+    let last_start = haystack.len() - needle.len();
+    (0..=last_start).any(|i| haystack[i] == first && haystack[i + 1..].starts_with(rest))
 }
 
 /// The user agent as the access event logs it ([`LoggedUserAgent::as_str`]): cut to
