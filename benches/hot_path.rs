@@ -1,7 +1,8 @@
 //! `cargo bench`: nanoseconds per call of the gateway's own work on the request path, without
 //! I/O: planning a legacy call (classify plus rewrite), planning a pass-through call, moving
-//! deprecated query credentials into `Authorization`, and the failed-check gate for a verified
-//! app. The target (issue 9) is under 1 µs for classify plus rewrite; the figures are read from
+//! deprecated query credentials into `Authorization`, the failed-check gate for a verified
+//! app, and the access event's request facts (a new request id; the user agent checked for the
+//! request's credentials). The target (issue 9) is under 1 µs for classify plus rewrite; the figures are read from
 //! criterion's report, never asserted in a timed test.
 
 use std::hint::black_box;
@@ -12,6 +13,7 @@ use std::time::SystemTime;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::header::{AUTHORIZATION, HeaderMap, HeaderValue, USER_AGENT};
 use http::{Method, Uri};
+use oauth_apps_gateway::access::{LoggedUserAgent, new_request_id, request_id};
 use oauth_apps_gateway::classify::{Route, classify};
 use oauth_apps_gateway::config::Config;
 use oauth_apps_gateway::limiter::{Admission, FailedChecks, LimiterClock, Settle};
@@ -96,12 +98,11 @@ fn gate(c: &mut Criterion) {
         .build()
         .expect("a runtime");
     let authorization = HeaderValue::from_static(BASIC);
-    let headers = HeaderMap::new();
     let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     // Verify the credential once, as the first 2xx does in production.
     runtime.block_on(async {
-        let keys = limiter.keys(Some(&authorization), CLIENT_ID, peer, &headers);
+        let keys = limiter.keys(Some(&authorization), CLIENT_ID, peer);
         match limiter.admit(keys, true, far()).await {
             Admission::Pass(p) => {
                 p.settle(Settle::Accepted);
@@ -111,7 +112,7 @@ fn gate(c: &mut Criterion) {
     });
     c.bench_function("gate: keys + admit + settle (verified app)", |b| {
         b.to_async(&runtime).iter(|| async {
-            let keys = limiter.keys(Some(&authorization), CLIENT_ID, peer, &headers);
+            let keys = limiter.keys(Some(&authorization), CLIENT_ID, peer);
             match limiter.admit(keys, true, far()).await {
                 Admission::Pass(p) => p.settle(Settle::Accepted),
                 other => panic!("a verified app is admitted: {other:?}"),
@@ -120,5 +121,25 @@ fn gate(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, rewrite, gate);
+fn access_facts(c: &mut Criterion) {
+    let headers = head();
+    c.bench_function("access: new request id", |b| b.iter(new_request_id));
+    c.bench_function("access: user agent (legacy check, Basic)", |b| {
+        b.iter(|| LoggedUserAgent::of(&headers, black_box(LEGACY_PATH)))
+    });
+    c.bench_function(
+        "access: request id + user agent (legacy check, Basic)",
+        |b| {
+            b.iter(|| {
+                let target = black_box(LEGACY_PATH);
+                (
+                    request_id(&headers, target),
+                    LoggedUserAgent::of(&headers, target),
+                )
+            })
+        },
+    );
+}
+
+criterion_group!(benches, rewrite, gate, access_facts);
 criterion_main!(benches);

@@ -1,9 +1,12 @@
 //! Body types on the request path. `ProxyBody` is what the gateway answers with: either a body
 //! it built (errors, nothing else) or the upstream's body streamed through under the
-//! whole-exchange deadline. No boxing: one enum, polled in place.
+//! whole-exchange deadline; [`Metered`] counts what of it reaches the connection and reports
+//! the count when it ends. No boxing: one enum, polled in place.
 
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +19,85 @@ use crate::server::ResponseWatch;
 
 /// The body of every response the proxy listener sends.
 pub type ProxyBody = Either<Full<Bytes>, DeadlineBody<Incoming>>;
+
+/// What is told how a response body ended, once: [`Metered`] calls it when the body ends or is
+/// dropped.
+pub trait BodyEnd {
+    /// The body ended: `sent_bytes` of data were handed to the connection; `complete` is false
+    /// when it was dropped (or failed) before its end.
+    fn ended(self, sent_bytes: u64, complete: bool);
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that counts the data bytes it hands to the connection and tells `E`
+    /// once, when it ends, fails or is dropped (the client went away, the connection was cut).
+    pub struct Metered<B: Body, E: BodyEnd> {
+        #[pin]
+        inner: B,
+        sent: u64,
+        end: Option<E>,
+    }
+
+    impl<B: Body, E: BodyEnd> PinnedDrop for Metered<B, E> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(end) = this.end.take() {
+                // A body whose last frame went out ends without being polled again.
+                let complete = this.inner.is_end_stream();
+                end.ended(*this.sent, complete);
+            }
+        }
+    }
+}
+
+impl<B: Body, E: BodyEnd> Metered<B, E> {
+    /// Meters `inner`, telling `end` (if any) how it ended.
+    pub fn new(inner: B, end: Option<E>) -> Self {
+        Self {
+            inner,
+            sent: 0,
+            end,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes>, E: BodyEnd> Body for Metered<B, E> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let complete = match &polled {
+            Poll::Pending => return polled,
+            Poll::Ready(None) => Some(true),
+            Poll::Ready(Some(Err(_))) => Some(false),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.sent += data.len() as u64;
+                }
+                None
+            }
+        };
+        if let Some(complete) = complete
+            && let Some(end) = this.end.take()
+        {
+            end.ended(*this.sent, complete);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Error yielded when the whole-exchange deadline passes while a response body is still
 /// streaming; the connection (HTTP/1) or stream (HTTP/2) is then reset, so the client sees a
@@ -153,11 +235,13 @@ where
 pub const BUFFERED_BODY_BYTES: usize = 64 * 1024;
 
 pin_project_lite::pin_project! {
-    /// A body whose first bytes were read already: `prefix`, then the rest of `rest`.
+    /// A body whose first bytes were read already: `prefix`, then the rest of `rest`, whose
+    /// data bytes are added to a shared count as they arrive.
     pub struct Prefixed<B> {
         prefix: Option<Bytes>,
         #[pin]
         rest: B,
+        received: Option<Arc<AtomicU64>>,
     }
 }
 
@@ -167,7 +251,15 @@ impl<B> Prefixed<B> {
         Self {
             prefix: (!prefix.is_empty()).then_some(prefix),
             rest,
+            received: None,
         }
+    }
+
+    /// Also adds the data bytes of `rest` to `received` as they arrive (the prefix is not
+    /// counted: it was received before).
+    pub fn counted(mut self, received: Arc<AtomicU64>) -> Self {
+        self.received = Some(received);
+        self
     }
 }
 
@@ -183,7 +275,13 @@ impl<B: Body<Data = Bytes>> Body for Prefixed<B> {
         if let Some(prefix) = this.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
-        this.rest.poll_frame(cx)
+        let polled = this.rest.poll_frame(cx);
+        if let (Some(received), Poll::Ready(Some(Ok(frame)))) = (this.received.as_ref(), &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -275,6 +373,11 @@ pub struct BodyCharge {
 }
 
 impl BodyCharge {
+    /// Bytes held: every byte of the body read so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes as u64
+    }
+
     /// Holds `n` more bytes.
     ///
     /// # Errors

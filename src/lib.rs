@@ -10,6 +10,8 @@
 //! - [`rewrite`]: pure; legacy call -> replacement path and JSON body; query credentials ->
 //!   `Authorization`.
 //! - [`headers`]: pure; hop-by-hop removal and `Accept` media-type merging.
+//! - [`access`]: the access event's request facts: request id, user agent as logged, protocol,
+//!   fixed-decimal seconds.
 //! - [`proxy`]: the request path as named stages: plan, gate, exchange, observe, error.
 //! - [`limiter`]: GCRA quotas on failed calls, keyed to the caller (the only governor and ring
 //!   user).
@@ -30,6 +32,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod body;

@@ -178,6 +178,7 @@ pub struct Metrics {
     request_duration: [Histogram; 3],
     upstream_duration: [Histogram; 3],
     upstream_failures: [IntCounter; 4],
+    upstream_consecutive_failures: IntGauge,
     status_compat: [IntCounter; LEGACY_OPERATIONS.len()],
     in_flight: IntGauge,
     open_connections: IntGauge,
@@ -365,6 +366,13 @@ impl Metrics {
             "Upstream exchanges that failed, by kind (connect, tls, timeout, protocol).",
             &["kind"],
         )?;
+        let upstream_consecutive_failures = register(
+            r,
+            IntGauge::new(
+                name("upstream_consecutive_failures"),
+                "Upstream exchanges that failed since the upstream last answered (any status); 0 after any answer. What to alert on: /readyz does not depend on the upstream.",
+            )?,
+        )?;
         let compat = counter_vec(
             r,
             "status_compat_rewrites_total",
@@ -485,6 +493,7 @@ impl Metrics {
             request_duration: ROUTES.map(|c| request.with_label_values(&[c.as_str()])),
             upstream_duration: ROUTES.map(|c| upstream.with_label_values(&[c.as_str()])),
             upstream_failures: FAILURES.map(|k| upstream_failures.with_label_values(&[k.as_str()])),
+            upstream_consecutive_failures,
             status_compat: LEGACY_OPERATIONS.map(|op| compat.with_label_values(&[op.as_str()])),
             in_flight,
             open_connections,
@@ -593,14 +602,20 @@ impl Metrics {
         self.request_duration[route as usize].observe(elapsed.as_secs_f64());
     }
 
-    /// Records the time the upstream took to answer with a response head.
+    /// Records the time the upstream took to answer with a response head; the upstream
+    /// answered, so its consecutive failures are back to 0.
     pub fn upstream_answered(&self, route: RouteClass, elapsed: Duration) {
         self.upstream_duration[route as usize].observe(elapsed.as_secs_f64());
+        // A read first: the common case writes nothing to a line every worker shares.
+        if self.upstream_consecutive_failures.get() != 0 {
+            self.upstream_consecutive_failures.set(0);
+        }
     }
 
-    /// Counts a failed upstream exchange.
+    /// Counts a failed upstream exchange, and one more consecutive failure.
     pub fn upstream_failure(&self, kind: FailureKind) {
         self.upstream_failures[kind as usize].inc();
+        self.upstream_consecutive_failures.inc();
     }
 
     /// Counts a 422 turned into 404 for a legacy client.

@@ -157,6 +157,37 @@ pub fn basic_credentials(value: &HeaderValue) -> Option<BasicCredentials> {
     Some(BasicCredentials { decoded, colon })
 }
 
+/// Longest Basic credentials decoded on the stack by [`with_basic_credentials`], in bytes
+/// (GitHub's client_id and secret take 61); longer ones are decoded on the heap.
+const STACK_CREDENTIALS_BYTES: usize = 192;
+
+/// Calls `f` with the user-id and password of an `Authorization: Basic` value, as
+/// [`basic_credentials`] reads them, decoded without allocating when they are short. `None`
+/// when [`basic_credentials`] would give `None`.
+pub fn with_basic_credentials<R>(
+    value: &HeaderValue,
+    f: impl FnOnce(&[u8], &[u8]) -> R,
+) -> Option<R> {
+    let bytes = value.as_bytes();
+    let (scheme, rest) = bytes.split_at(bytes.iter().position(|&b| b == b' ')?);
+    if !scheme.eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
+    let mut buf = [0u8; STACK_CREDENTIALS_BYTES];
+    match base64::engine::general_purpose::STANDARD.decode_slice(rest.trim_ascii(), &mut buf) {
+        Ok(n) => {
+            let decoded = &buf[..n];
+            let colon = decoded.iter().position(|&b| b == b':')?;
+            Some(f(&decoded[..colon], &decoded[colon + 1..]))
+        }
+        Err(base64::DecodeSliceError::OutputSliceTooSmall) => {
+            let c = basic_credentials(value)?;
+            Some(f(c.user(), c.password()))
+        }
+        Err(base64::DecodeSliceError::DecodeError(_)) => None,
+    }
+}
+
 impl QueryCredentials<'_> {
     /// Whether any credential parameter was removed from the query.
     pub fn removed_any(&self) -> bool {
@@ -306,6 +337,26 @@ mod tests {
             "Basic".to_owned(),
         ] {
             assert_eq!(basic_credentials(&value(bad.clone())), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn basic_credentials_read_on_the_stack_are_the_same() {
+        let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let long = format!("Iv1.a:{}", "x".repeat(400));
+        for raw in [
+            format!("Basic {}", enc("Iv1.a:s3:cret")),
+            format!("bASIC   {} ", enc("Iv1.a:s3:cret")),
+            format!("Basic {}", enc(&long)),
+            format!("Bearer {}", enc("Iv1.a:s")),
+            format!("Basic {}", enc("no-colon")),
+            "Basic !!!not base64".to_owned(),
+            "Basic".to_owned(),
+        ] {
+            let v = HeaderValue::try_from(raw.clone()).unwrap();
+            let heap = basic_credentials(&v).map(|c| (c.user().to_vec(), c.password().to_vec()));
+            let stack = with_basic_credentials(&v, |u, p| (u.to_vec(), p.to_vec()));
+            assert_eq!(stack, heap, "{raw}");
         }
     }
     use crate::classify::{Route, classify};

@@ -1,9 +1,10 @@
 //! The one HTTP client to the configured upstream: hyper-util's pooled legacy client over
 //! hyper-rustls (ring provider, webpki roots plus an optional private CA), HTTP/1.1 and HTTP/2 by
-//! ALPN, built once at start-up. It sends a request and sorts failures into kinds; it never
-//! retries a request that was written (reset and revoke are not idempotent), and never sends
-//! anywhere but the configured scheme and authority. The only user of hyper_rustls and rustls
-//! on the client side.
+//! ALPN, built once at start-up. It sends a request and sorts failures into kinds, each with a
+//! [`Detail`] in plain words (refused, DNS, which timeout, the TLS reason, a scheme that does not
+//! match what the server speaks); it never retries a request that was written (reset and revoke
+//! are not idempotent), and never sends anywhere but the configured scheme and authority. The
+//! only user of hyper_rustls and rustls on the client side.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -26,6 +27,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::time::Instant;
 
+use crate::access::Seconds;
 use crate::body::Prefixed;
 use crate::config::UpstreamConfig;
 
@@ -93,6 +95,86 @@ impl fmt::Display for FailureKind {
     }
 }
 
+/// What exactly went wrong with the upstream, for the log line. Never carries a URL, header or
+/// body; a TLS reason is rustls's own (a certificate or protocol fault, never data).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Detail {
+    /// The upstream host refused the TCP connection (nothing listens on the port).
+    Refused,
+    /// The upstream host name could not be resolved.
+    Dns,
+    /// No TCP connection for another reason (unreachable, reset during connect).
+    Connect,
+    /// `upstream.connect_timeout` (the value, in seconds) passed before the TCP connection was
+    /// made.
+    ConnectTimeout(Duration),
+    /// No response head before the whole-exchange deadline (`server.request_timeout`).
+    Deadline,
+    /// The TLS handshake failed, for this reason.
+    Tls(rustls::Error),
+    /// `upstream.url` is `https` but the server answered the TLS handshake in plain HTTP.
+    PlainHttp,
+    /// `upstream.url` is `http` and the answer was not HTTP (a TLS server, or garbage).
+    NotHttp,
+    /// The upstream broke HTTP (closed early, a malformed or unsolicited answer, a reset).
+    Protocol,
+}
+
+impl Detail {
+    /// The timeout that fired, by its configuration key, and its value: for
+    /// [`Detail::Deadline`], `request_timeout` (`server.request_timeout`).
+    pub fn timeout(&self, request_timeout: Duration) -> Option<(&'static str, Duration)> {
+        match self {
+            Detail::ConnectTimeout(d) => Some(("upstream.connect_timeout", *d)),
+            Detail::Deadline => Some(("server.request_timeout", request_timeout)),
+            _ => None,
+        }
+    }
+
+    /// The failure in plain words, e.g. `connection refused` or `no response head within
+    /// server.request_timeout (30.000000 s)`; `request_timeout` is `server.request_timeout`.
+    pub fn describe(&self, request_timeout: Duration) -> Described<'_> {
+        Described {
+            detail: self,
+            request_timeout,
+        }
+    }
+}
+
+/// [`Detail::describe`].
+pub struct Described<'a> {
+    detail: &'a Detail,
+    request_timeout: Duration,
+}
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.detail {
+            Detail::Refused => f.write_str("connection refused"),
+            Detail::Dns => f.write_str("DNS lookup of the upstream host failed"),
+            Detail::Connect => f.write_str("TCP connection failed"),
+            Detail::ConnectTimeout(d) => write!(
+                f,
+                "connect timeout: no TCP connection within upstream.connect_timeout ({} s)",
+                Seconds(*d)
+            ),
+            Detail::Deadline => write!(
+                f,
+                "request timeout: no response head within server.request_timeout ({} s)",
+                Seconds(self.request_timeout)
+            ),
+            Detail::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+            Detail::PlainHttp => f.write_str(
+                "upstream.url is https but the server spoke plain HTTP (use http://, or the server's TLS port)",
+            ),
+            Detail::NotHttp => f.write_str(
+                "the answer was not HTTP; if the server speaks TLS on this port, upstream.url must be https://",
+            ),
+            Detail::Protocol => f.write_str("the upstream broke the HTTP exchange"),
+        }
+    }
+}
+
 /// A failed exchange with the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -101,6 +183,8 @@ pub enum UpstreamError {
     Failed {
         /// How it failed.
         kind: FailureKind,
+        /// What exactly went wrong.
+        detail: Detail,
         /// The underlying error, for logs (hyper and rustls errors carry no URL or header).
         #[source]
         source: Option<Box<dyn StdError + Send + Sync>>,
@@ -120,6 +204,8 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, UpstreamRequestBody>,
     scheme: Scheme,
     authority: Authority,
+    origin: Arc<str>,
+    connect_timeout: Duration,
 }
 
 impl fmt::Debug for Upstream {
@@ -192,11 +278,23 @@ impl Upstream {
             // Config validation guarantees both; a Uri without them cannot be built there.
             _ => (Scheme::HTTPS, Authority::from_static("api.github.com")),
         };
+        let port = authority
+            .port_u16()
+            .unwrap_or(if scheme == Scheme::HTTP { 80 } else { 443 });
+        // The host alone: never a user-info part, a path or a query.
+        let origin = Arc::from(format!("{scheme}://{}:{port}", authority.host()));
         Ok(Upstream {
             client,
             scheme,
             authority,
+            origin,
+            connect_timeout: cfg.connect_timeout,
         })
+    }
+
+    /// The upstream's origin, `scheme://host:port` (the port always written), for log lines.
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// The absolute upstream URI for a path and query: the configured scheme and authority,
@@ -234,6 +332,7 @@ impl Upstream {
         match (first, replay) {
             (Err(e), Some(replay)) if closed_before_answering(&e) => {
                 tracing::debug!(
+                    upstream = %self.origin,
                     error = %e,
                     "upstream connection closed before answering a GET or HEAD; retried once"
                 );
@@ -251,6 +350,7 @@ impl Upstream {
         match tokio::time::timeout_at(deadline, self.client.request(req)).await {
             Err(_elapsed) => Err(UpstreamError::Failed {
                 kind: FailureKind::Timeout,
+                detail: Detail::Deadline,
                 source: None,
             }),
             // The gateway never forwards `Upgrade` (hop-by-hop), so a 101 (or any other 1xx
@@ -258,10 +358,11 @@ impl Upstream {
             // (RFC 9110 §15.2.2: a server sends 101 only in answer to Upgrade).
             Ok(Ok(resp)) if resp.status().is_informational() => Err(UpstreamError::Failed {
                 kind: FailureKind::Protocol,
+                detail: Detail::Protocol,
                 source: Some(format!("unsolicited {} answer", resp.status().as_u16()).into()),
             }),
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(sort_error(e)),
+            Ok(Err(e)) => Err(self.sort_error(e)),
         }
     }
 }
@@ -304,6 +405,7 @@ fn closed_before_answering(e: &UpstreamError) -> bool {
     let UpstreamError::Failed {
         kind: FailureKind::Protocol,
         source: Some(source),
+        ..
     } = e
     else {
         return false;
@@ -345,48 +447,73 @@ fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, UpstreamBui
     Ok(certs)
 }
 
-/// Sorts a client error by walking its source chain.
-fn sort_error(err: hyper_util::client::legacy::Error) -> UpstreamError {
-    let is_connect = err.is_connect();
-    let mut tls = false;
-    let mut timed_out = false;
-    let mut too_large = false;
-    let mut user_body = false;
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(&err);
-    while let Some(e) = cur {
-        tls |= e.is::<rustls::Error>();
-        too_large |= e.is::<LengthLimitError>();
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            user_body |= h.is_user();
-        }
-        cur = match e.downcast_ref::<io::Error>() {
-            Some(io) => {
-                timed_out |= io.kind() == io::ErrorKind::TimedOut;
-                // io::Error::source skips the error it wraps; descend into it instead
-                // (hyper-rustls nests rustls errors two io::Errors deep).
-                match io.get_ref() {
-                    Some(inner) => Some(inner as &(dyn StdError + 'static)),
-                    None => io.source(),
-                }
+impl Upstream {
+    /// Sorts a client error by walking its source chain.
+    fn sort_error(&self, err: hyper_util::client::legacy::Error) -> UpstreamError {
+        let is_connect = err.is_connect();
+        let mut tls = None;
+        let mut timed_out = false;
+        let mut refused = false;
+        let mut dns = false;
+        let mut not_http = false;
+        let mut too_large = false;
+        let mut user_body = false;
+        let mut cur: Option<&(dyn StdError + 'static)> = Some(&err);
+        while let Some(e) = cur {
+            if let Some(t) = e.downcast_ref::<rustls::Error>() {
+                tls.get_or_insert_with(|| t.clone());
             }
-            None => e.source(),
+            too_large |= e.is::<LengthLimitError>();
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                user_body |= h.is_user();
+                not_http |= h.is_parse();
+            }
+            // hyper-util's connect error is not exported; its message names the DNS stage.
+            dns |= is_connect && e.to_string() == "dns error";
+            cur = match e.downcast_ref::<io::Error>() {
+                Some(io) => {
+                    timed_out |= io.kind() == io::ErrorKind::TimedOut;
+                    refused |= io.kind() == io::ErrorKind::ConnectionRefused;
+                    // io::Error::source skips the error it wraps; descend into it instead
+                    // (hyper-rustls nests rustls errors two io::Errors deep).
+                    match io.get_ref() {
+                        Some(inner) => Some(inner as &(dyn StdError + 'static)),
+                        None => io.source(),
+                    }
+                }
+                None => e.source(),
+            };
+        }
+        if too_large {
+            return UpstreamError::RequestBodyTooLarge;
+        }
+        if user_body && !is_connect {
+            return UpstreamError::RequestBody(Box::new(err));
+        }
+        let https = self.scheme == Scheme::HTTPS;
+        let (kind, detail) = match tls {
+            // The server's first bytes were no TLS record: "HTTP/1.1 400 ..." to a ClientHello.
+            Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType))
+                if https =>
+            {
+                (FailureKind::Tls, Detail::PlainHttp)
+            }
+            Some(t) => (FailureKind::Tls, Detail::Tls(t)),
+            None if is_connect && timed_out => (
+                FailureKind::Timeout,
+                Detail::ConnectTimeout(self.connect_timeout),
+            ),
+            None if is_connect && refused => (FailureKind::Connect, Detail::Refused),
+            None if is_connect && dns => (FailureKind::Connect, Detail::Dns),
+            None if is_connect => (FailureKind::Connect, Detail::Connect),
+            None if not_http && !https => (FailureKind::Protocol, Detail::NotHttp),
+            None => (FailureKind::Protocol, Detail::Protocol),
         };
-    }
-    if too_large {
-        return UpstreamError::RequestBodyTooLarge;
-    }
-    if user_body && !is_connect {
-        return UpstreamError::RequestBody(Box::new(err));
-    }
-    let kind = match () {
-        _ if tls => FailureKind::Tls,
-        _ if is_connect && timed_out => FailureKind::Timeout,
-        _ if is_connect => FailureKind::Connect,
-        _ => FailureKind::Protocol,
-    };
-    UpstreamError::Failed {
-        kind,
-        source: Some(Box::new(err)),
+        UpstreamError::Failed {
+            kind,
+            detail,
+            source: Some(Box::new(err)),
+        }
     }
 }
 
@@ -399,6 +526,57 @@ mod tests {
         let mut cfg = Config::default().upstream;
         cfg.ca_file = Some(path.to_owned());
         cfg
+    }
+
+    #[test]
+    fn failures_are_described_in_plain_words() {
+        type Timeout = Option<(&'static str, Duration)>;
+        let rt = Duration::from_secs(30);
+        let cases: &[(Detail, &str, Timeout)] = &[
+            (Detail::Refused, "connection refused", None),
+            (Detail::Dns, "DNS lookup of the upstream host failed", None),
+            (
+                Detail::ConnectTimeout(Duration::from_millis(2_500)),
+                "connect timeout: no TCP connection within upstream.connect_timeout (2.500000 s)",
+                Some(("upstream.connect_timeout", Duration::from_millis(2_500))),
+            ),
+            (
+                Detail::Deadline,
+                "request timeout: no response head within server.request_timeout (30.000000 s)",
+                Some(("server.request_timeout", rt)),
+            ),
+            (
+                Detail::Tls(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                )),
+                "TLS handshake failed: invalid peer certificate: UnknownIssuer",
+                None,
+            ),
+            (
+                Detail::PlainHttp,
+                "upstream.url is https but the server spoke plain HTTP (use http://, or the server's TLS port)",
+                None,
+            ),
+        ];
+        for (detail, words, timeout) in cases {
+            assert_eq!(detail.describe(rt).to_string(), *words);
+            assert_eq!(detail.timeout(rt), *timeout, "{detail:?}");
+        }
+    }
+
+    #[test]
+    fn the_origin_always_has_a_port_and_never_a_path() {
+        let origin = |url: &str| {
+            let mut cfg = Config::default().upstream;
+            cfg.url = url.parse().unwrap();
+            Upstream::new(&cfg).unwrap().origin().to_owned()
+        };
+        assert_eq!(
+            origin("https://api.github.com"),
+            "https://api.github.com:443"
+        );
+        assert_eq!(origin("http://127.0.0.1:4000/"), "http://127.0.0.1:4000");
+        assert_eq!(origin("http://ghe.example/api/v3"), "http://ghe.example:80");
     }
 
     #[test]

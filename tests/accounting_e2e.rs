@@ -244,9 +244,17 @@ async fn a_pass_through_call_whose_client_hangs_up_is_abandoned_and_logged_499()
     let user = tokio::spawn(async move { call(&client, Method::GET, &url, &[], "").await });
     await_reached(&reached, 1).await;
     user.abort();
-    let m = await_series(
+    await_series(
         &gw,
         "oauth_apps_gateway_interrupted_requests_total{outcome=\"client_gone\",route=\"pass_through\"}",
+        1.0,
+    )
+    .await;
+    // A scrape reads the families one by one, `responses_total` before `interrupted_...`
+    // (registration order): one taken while the call was recorded can show only the latter.
+    let m = await_series(
+        &gw,
+        "oauth_apps_gateway_responses_total{route=\"pass_through\",status=\"499\"}",
         1.0,
     )
     .await;

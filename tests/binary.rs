@@ -105,7 +105,8 @@ async fn binary_serves_and_drains_on_sigterm() {
     assert_eq!(access[0]["status"], 200);
     assert_eq!(access[0]["outcome"], "answered");
     assert_eq!(access[0]["client_id"], CLIENT_ID);
-    assert!(access[0]["duration_seconds"].as_f64().unwrap() >= 0.0);
+    let duration = access[0]["duration_seconds"].as_str().unwrap();
+    assert!(duration.parse::<f64>().unwrap() >= 0.0, "{duration}");
     assert!(!out.contains(&token));
 }
 

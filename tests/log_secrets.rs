@@ -3,7 +3,9 @@
 //! and shadow mode, a caller who hangs up) runs with logs at trace level, in both formats,
 //! through the gateway's own subscriber; then no access token, client secret, Authorization
 //! value or credential hash may appear anywhere in what was written, nor in the metrics, the
-//! legacy-client report or the gateway's own error bodies.
+//! legacy-client report or the gateway's own error bodies. Secrets are also put where the access
+//! log reads (User-Agent, X-Request-Id, path, query): none may be logged, and a refused request
+//! id is neither returned to the client nor forwarded upstream.
 
 mod support;
 
@@ -122,6 +124,58 @@ async fn exercise_everything() -> (Vec<String>, String) {
             )
             .await;
             assert_eq!(a.status, 400);
+        }
+    }
+    // Secrets where the access log reads: the User-Agent and X-Request-Id of a legacy call (its
+    // token, the client secret, the Authorization value), and of a pass-through call with a
+    // token in its path and query. None may be logged, and no refused id echoed or forwarded.
+    let t = gh.issue_token(CLIENT_ID, "octocat");
+    secrets.push(t.clone());
+    let b64 = auth.trim_start_matches("Basic ").to_owned();
+    let in_path = "gho_pass_through_path_token_0000";
+    let in_query = "gho_pass_through_query_token_000";
+    secrets.extend([in_path.to_owned(), in_query.to_owned()]);
+    let legacy = format!("{}/applications/{CLIENT_ID}/tokens/{t}", gw.url());
+    let pass = format!("{}/repos/{in_path}/x?access_token={in_query}", gw.url());
+    let agents = [
+        format!("octokit/1 {t}"),
+        format!("app/1 (s {CLIENT_SECRET})"),
+        format!("app/1 {auth}"),
+        format!("app/1 x{b64}x"),
+        format!("app/1 {in_path} {in_query}"),
+    ];
+    let ids = [
+        t.clone(),
+        CLIENT_SECRET.to_owned(),
+        b64.clone(),
+        in_path.to_owned(),
+        in_query.to_owned(),
+    ];
+    for (ua, id) in agents.iter().zip(&ids) {
+        for url in [&legacy, &pass] {
+            let a = call(
+                &h1,
+                Method::GET,
+                url,
+                &[
+                    ("authorization", auth.as_str()),
+                    ("user-agent", ua.as_str()),
+                    ("x-request-id", id.as_str()),
+                ],
+                Bytes::new(),
+            )
+            .await;
+            assert!(a.status == 200 || a.status == 404, "{}", a.status);
+            let returned = a.headers["x-request-id"].to_str().unwrap();
+            published.push_str(returned);
+            published.push('\n');
+        }
+    }
+    // What reached the upstream as X-Request-Id.
+    for r in gh.requests() {
+        for v in r.headers.get_all("x-request-id") {
+            published.push_str(&String::from_utf8_lossy(v.as_bytes()));
+            published.push('\n');
         }
     }
     // Guess tokens until the token-failure quota answers 429, then secrets from another

@@ -24,18 +24,18 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use governor::clock::Clock;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::config::{FailedChecksConfig, FailedChecksMode};
 
 pub use flight::IN_FLIGHT_ALLOWANCE;
 pub use gcra::{Charged, LimiterClock};
-pub use keys::{CredentialKey, NoRandomness, address_key, sha256};
+pub use keys::{ClientAddress, CredentialKey, NoRandomness, address_key, sha256};
 
 use flight::{Flights, Reserve};
 use gcra::{Gcra, Peek};
-use keys::{ClientAddress, CredentialHasher};
+use keys::CredentialHasher;
 
 /// How long a credential stays verified after the upstream last accepted it, in seconds.
 const VERIFIED_FOR: Duration = Duration::from_secs(3600);
@@ -195,7 +195,6 @@ impl<K: std::hash::Hash + Eq + Clone> Quota<K> {
 /// The failed-check limiter of the whole gateway.
 pub struct FailedChecks {
     hasher: CredentialHasher,
-    addresses: ClientAddress,
     by_credential: Quota<CredentialKey>,
     by_client_ip: Quota<IpAddr>,
     token_by_credential: Quota<CredentialKey>,
@@ -232,7 +231,6 @@ impl FailedChecks {
         let max = cfg.max_tracked_keys;
         Ok(FailedChecks {
             hasher: CredentialHasher::new()?,
-            addresses: ClientAddress::new(cfg.trusted_proxies.clone()),
             by_credential: Quota::new(cfg.credential, max, &clock),
             by_client_ip: Quota::new(cfg.client_ip, max, &clock),
             token_by_credential: Quota::new(cfg.token, max, &clock),
@@ -252,7 +250,6 @@ impl FailedChecks {
         let max = cfg.max_tracked_keys;
         FailedChecks {
             hasher: self.hasher.clone(),
-            addresses: ClientAddress::new(cfg.trusted_proxies.clone()),
             by_credential: self.by_credential.requota(cfg.credential, max),
             by_client_ip: self.by_client_ip.requota(cfg.client_ip, max),
             token_by_credential: self.token_by_credential.requota(cfg.token, max),
@@ -264,18 +261,17 @@ impl FailedChecks {
     }
 
     /// The keys of a request: the credential in `authorization` (after query credentials were
-    /// moved there), or `client_id` alone when it presents none; and the client address from
-    /// `peer` and, behind a trusted proxy, `X-Forwarded-For` in `headers`.
+    /// moved there), or `client_id` alone when it presents none; and `client`, the client address
+    /// ([`ClientAddress::resolve`]: the peer, or `X-Forwarded-For` behind a trusted proxy).
     pub fn keys(
         &self,
         authorization: Option<&HeaderValue>,
         client_id: &str,
-        peer: IpAddr,
-        headers: &HeaderMap,
+        client: IpAddr,
     ) -> CallKeys {
         CallKeys {
             credential: self.hasher.key(authorization, client_id),
-            client_ip: address_key(self.addresses.resolve(peer, headers)),
+            client_ip: address_key(client),
         }
     }
 
@@ -668,12 +664,7 @@ mod tests {
         use base64::Engine as _;
         let enc = base64::engine::general_purpose::STANDARD.encode(format!("Iv1.app:{secret}"));
         let auth = HeaderValue::try_from(format!("Basic {enc}")).unwrap();
-        l.keys(
-            Some(&auth),
-            "Iv1.app",
-            ip.parse().unwrap(),
-            &HeaderMap::new(),
-        )
+        l.keys(Some(&auth), "Iv1.app", ip.parse().unwrap())
     }
 
     fn far() -> Instant {
@@ -993,12 +984,7 @@ mod tests {
     #[tokio::test]
     async fn only_presented_credentials_are_verified() {
         let (l, _clock) = limiter(|_| {});
-        let anonymous = l.keys(
-            None,
-            "Iv1.app",
-            "192.0.2.1".parse().unwrap(),
-            &HeaderMap::new(),
-        );
+        let anonymous = l.keys(None, "Iv1.app", "192.0.2.1".parse().unwrap());
         let Admission::Pass(p) = l.admit(anonymous, false, far()).await else {
             panic!()
         };

@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -19,7 +19,8 @@ use hyper::body::Incoming;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
-use crate::body::{DeadlineBody, Prefixed, ProxyBody, ReadBody};
+use crate::access::REQUEST_ID;
+use crate::body::{DeadlineBody, Metered, Prefixed, ProxyBody, ReadBody};
 use crate::headers::{add_accept_media_type, remove_hop_by_hop};
 use crate::limiter::Permit;
 use crate::metrics::LegacyAction;
@@ -27,7 +28,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::gate;
 use crate::proxy::observe::{Observation, Outcome};
 use crate::proxy::plan::Forward;
-use crate::proxy::{Inner, ProxySettings};
+use crate::proxy::{Inner, ProxySettings, ResponseBody};
 use crate::server::ConnectionControl;
 use crate::upstream::{Upstream, UpstreamError, UpstreamRequestBody};
 
@@ -146,13 +147,15 @@ impl Lifecycle {
 
 /// Builds the upstream request: the plan's method, path, body and `Authorization`; the client's
 /// other headers less hop-by-hop fields, `Host` and `Expect`; the client's body as far as it was
-/// read ([`crate::body::read_request_body`]), then the rest streamed under the size limit.
+/// read ([`crate::body::read_request_body`]), then the rest streamed under the size limit, its
+/// bytes added to `received` when given.
 pub fn build(
     mut parts: Parts,
     body: ReadBody<Incoming>,
     forward: Forward,
     upstream: &Upstream,
     settings: &ProxySettings,
+    received: Option<Arc<AtomicU64>>,
 ) -> Request<UpstreamRequestBody> {
     if let Some(method) = forward.method {
         parts.method = method;
@@ -178,7 +181,11 @@ pub fn build(
             ReadBody::Started(prefix, rest) => {
                 let limit = usize::try_from(settings.max_request_body_bytes).unwrap_or(usize::MAX);
                 let left = limit.saturating_sub(prefix.len());
-                Either::Right(Prefixed::new(prefix, Limited::new(rest, left)))
+                let body = Prefixed::new(prefix, Limited::new(rest, left));
+                Either::Right(match received {
+                    Some(received) => body.counted(received),
+                    None => body,
+                })
             }
         },
     };
@@ -202,7 +209,7 @@ pub struct Pending {
 /// How the exchange ended.
 enum Exchanged {
     Answered(Response<Incoming>, std::time::Duration),
-    Failed(UpstreamError),
+    Failed(UpstreamError, std::time::Duration),
     CutOff,
 }
 
@@ -217,7 +224,7 @@ pub async fn run(
     inner: Arc<Inner>,
     req: Request<UpstreamRequestBody>,
     pending: Pending,
-) -> Response<ProxyBody> {
+) -> Response<ResponseBody> {
     let upstream = inner.upstream.clone();
     let deadline = pending.deadline;
     let cut_off = inner.lifecycle.cut_off_signal();
@@ -226,7 +233,7 @@ pub async fn run(
         tokio::select! {
             r = upstream.send(req, deadline) => match r {
                 Ok(resp) => Exchanged::Answered(resp, sent.elapsed()),
-                Err(e) => Exchanged::Failed(e),
+                Err(e) => Exchanged::Failed(e, sent.elapsed()),
             },
             () = cut_off => Exchanged::CutOff,
         }
@@ -247,7 +254,9 @@ pub async fn run(
     detached.exchange = None;
     match detached.rest.take() {
         Some((inner, pending)) => settle(&inner, pending, exchanged, Outcome::Answered),
-        None => ProxyError::ShutDown { forwarded: true }.into_response(),
+        None => ProxyError::ShutDown { forwarded: true }
+            .into_response()
+            .map(|b| Metered::new(b, None)),
     }
 }
 
@@ -295,7 +304,7 @@ fn settle(
     mut pending: Pending,
     exchanged: Exchanged,
     outcome: Outcome,
-) -> Response<ProxyBody> {
+) -> Response<ResponseBody> {
     let settings = &inner.settings;
     match exchanged {
         Exchanged::Answered(resp, elapsed) => {
@@ -323,8 +332,11 @@ fn settle(
             );
             answer(settings, pending.obs, resp, outcome)
         }
-        Exchanged::Failed(e) => {
-            pending.obs.upstream_failed(&e);
+        Exchanged::Failed(e, elapsed) => {
+            let origin = inner.upstream.origin();
+            pending
+                .obs
+                .upstream_failed(&e, elapsed, origin, settings.request_timeout);
             let err = ProxyError::from_upstream(&e, settings.max_request_body_bytes);
             answer(settings, pending.obs, err.into_response(), outcome)
         }
@@ -339,13 +351,14 @@ fn settle(
 
 /// The last step of every request, forwarded or not: status compatibility and deprecation
 /// headers for a legacy call, no body for a `HEAD` request (RFC 9110 §9.3.2; a rewritten `HEAD`
-/// check is a `POST` upstream, whose answer has one), then the observation.
+/// check is a `POST` upstream, whose answer has one), the request id as `X-Request-Id` (in
+/// place of any the upstream sent), then the observation, whose access event the body carries.
 pub fn answer(
     settings: &ProxySettings,
     mut obs: Observation,
     mut resp: Response<ProxyBody>,
     outcome: Outcome,
-) -> Response<ProxyBody> {
+) -> Response<ResponseBody> {
     if let Some((_, action)) = obs.call().legacy {
         if action == LegacyAction::Rewritten
             && settings.status_compat
@@ -362,8 +375,10 @@ pub fn answer(
     if obs.method() == Method::HEAD {
         *resp.body_mut() = Either::Left(Full::new(Bytes::new()));
     }
-    obs.finish(resp.status(), outcome);
-    resp
+    resp.headers_mut()
+        .insert(REQUEST_ID, obs.request_id().clone());
+    let event = obs.finish(resp.status(), outcome);
+    resp.map(|b| Metered::new(b, Some(event)))
 }
 
 /// Headers that describe the client's connection or were answered by the gateway itself are

@@ -45,7 +45,7 @@ pub async fn admit(
     limiter: &Arc<FailedChecks>,
     call: &Call,
     authorization: Option<&HeaderValue>,
-    peer: IpAddr,
+    client: IpAddr,
     headers: &HeaderMap,
     wait_until: Instant,
 ) -> Verdict {
@@ -53,7 +53,7 @@ pub async fn admit(
         return Verdict::Open;
     };
     let authorization = authorization.or_else(|| headers.get(header::AUTHORIZATION));
-    let keys = limiter.keys(authorization, client_id, peer, headers);
+    let keys = limiter.keys(authorization, client_id, client);
     match limiter
         .admit(
             keys,

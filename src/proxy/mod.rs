@@ -8,7 +8,8 @@
 //! - [`error`]: the gateway's own answers and the one error -> status mapping.
 //!
 //! Nothing on this path unwraps, and nothing it logs holds a token, secret, Authorization value,
-//! query string or raw path.
+//! query string or raw path. Every request gets a request id (`X-Request-Id`), forwarded
+//! upstream and returned to the client.
 
 mod error;
 mod exchange;
@@ -19,6 +20,7 @@ pub mod plan;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -27,11 +29,12 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::body::{self, ProxyBody, ReadBody, ReadBodyError};
+use crate::access::{self, LoggedUserAgent};
+use crate::body::{self, Metered, ProxyBody, ReadBody, ReadBodyError};
 use crate::classify::Operation;
 use crate::config::{Brownout, Config, Mode, OperationModes};
 use crate::headers::DeprecationHeaders;
-use crate::limiter::{FailedChecks, LimiterClock};
+use crate::limiter::{ClientAddress, FailedChecks, LimiterClock};
 use crate::metrics::Metrics;
 use crate::server::ConnectionControl;
 use crate::upstream::Upstream;
@@ -39,7 +42,12 @@ use crate::upstream::Upstream;
 pub use error::ProxyError;
 use exchange::{Lifecycle, Pending};
 use gate::Verdict;
-use observe::{Observation, Outcome};
+pub use observe::AccessEvent;
+use observe::{Observation, Outcome, RequestBytes, RequestFacts};
+
+/// The body of every response on the proxy listener: the gateway's own or the upstream's, with
+/// the request's access event, written when it ends.
+pub type ResponseBody = Metered<ProxyBody, AccessEvent>;
 use plan::Plan;
 
 /// The parts of the configuration the request path reads. Built once per (re)load.
@@ -70,6 +78,9 @@ pub struct ProxySettings {
     /// Memory for request bodies being read before forwarding, shared by every worker
     /// (`server.max_buffered_body_bytes`, `server.max_buffered_body_bytes_per_ip`).
     pub body_budget: Arc<body::BodyBudget>,
+    /// Finds the client address behind trusted proxies (`failed_checks.trusted_proxies`), for
+    /// the failed-check limiter and the access log.
+    pub client_address: ClientAddress,
 }
 
 impl From<&Config> for ProxySettings {
@@ -91,6 +102,7 @@ impl From<&Config> for ProxySettings {
                 c.server.max_buffered_body_bytes,
                 c.server.max_buffered_body_bytes_per_ip,
             ),
+            client_address: ClientAddress::new(c.failed_checks.trusted_proxies.clone()),
         }
     }
 }
@@ -247,13 +259,27 @@ impl Proxy {
     /// `oauth_apps_gateway::access`), also when its client goes away: a request already
     /// forwarded is then seen through to the upstream's answer, and charged by it. `peer` is the
     /// TCP peer: the client, unless a trusted proxy forwarded the call.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
         let current = self.current.load_full();
         let inner = &current;
         let settings = &inner.settings;
         let started = std::time::Instant::now();
         let open = inner.lifecycle.open();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let client = settings.client_address.resolve(peer.ip(), &parts.headers);
+        let facts = {
+            let target = parts.uri.path_and_query().map_or("", |p| p.as_str());
+            RequestFacts {
+                client,
+                version: parts.version,
+                user_agent: LoggedUserAgent::of(&parts.headers, target),
+                request_id: access::request_id(&parts.headers, target),
+            }
+        };
+        // Forwarded upstream in place of whatever the client sent.
+        parts
+            .headers
+            .insert(access::REQUEST_ID, facts.request_id.clone());
         let now = inner.clock.wall_now();
         let plan =
             match plan::target_refusal(parts.version, &parts.method, &parts.uri, &parts.headers) {
@@ -262,7 +288,7 @@ impl Proxy {
             };
         let observe = |call| {
             let method = parts.method.clone();
-            Observation::start(inner.metrics.clone(), started, method, call, open)
+            Observation::start(inner.metrics.clone(), started, method, call, facts, open)
         };
         let (mut obs, forward) = match plan {
             Plan::Answer(call, e) => {
@@ -293,6 +319,7 @@ impl Proxy {
                     r = read => Some(r),
                     () = inner.lifecycle.cut_off_signal() => None,
                 };
+                obs.request_bytes(RequestBytes::Read(charge.bytes()));
                 let refused = match read {
                     Some(Ok(body)) => Ok(body),
                     Some(Err(ReadBodyError::TimedOut)) => {
@@ -329,7 +356,7 @@ impl Proxy {
                     limiter,
                     obs.call(),
                     forward.authorization.as_ref(),
-                    peer.ip(),
+                    client,
                     &parts.headers,
                     Instant::now() + settings.request_timeout,
                 ) => Some(v),
@@ -351,6 +378,17 @@ impl Proxy {
             Verdict::Pass(p) => obs.gate.waited = p.waited(),
             Verdict::Open => {}
         }
+        let received = match &body {
+            ReadBody::Started(..) => {
+                let rest = Arc::new(AtomicU64::new(0));
+                obs.request_bytes(RequestBytes::Streamed {
+                    read: body_charge.as_ref().map_or(0, body::BodyCharge::bytes),
+                    rest: rest.clone(),
+                });
+                Some(rest)
+            }
+            ReadBody::Whole(_) => None,
+        };
         let pending = Pending {
             obs,
             permit: verdict.into_permit(),
@@ -358,7 +396,8 @@ impl Proxy {
             version: parts.version,
             connection: parts.extensions.get::<ConnectionControl>().cloned(),
         };
-        let upstream_req = exchange::build(parts, body, forward, &inner.upstream, settings);
+        let upstream_req =
+            exchange::build(parts, body, forward, &inner.upstream, settings, received);
         let answered = exchange::run(inner.clone(), upstream_req, pending).await;
         drop(body_charge);
         answered

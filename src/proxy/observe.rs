@@ -2,15 +2,22 @@
 //! access event (target `oauth_apps_gateway::access`). An [`Observation`] is opened when a
 //! request arrives and travels with it, into a detached exchange too; if it is dropped unfinished
 //! (the client went away before anything was forwarded) its drop still records the request.
-//! Nothing recorded here holds a token, a client secret, an Authorization value, a credential
-//! hash, a query string, a raw path or a client address.
+//! Metrics are recorded with the response head; the access event ([`AccessEvent`]) rides on the
+//! response body and is written when the body ends or is dropped, with the bytes sent. Nothing
+//! recorded here holds a token, a client secret, an Authorization value, a credential hash, a
+//! query string or a raw path; the client address is in the access event only.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use http::{Method, StatusCode};
+use http::header::HeaderValue;
+use http::{Method, StatusCode, Version};
 
+use crate::access::{self, LoggedUserAgent, Seconds};
+use crate::body::BodyEnd;
 use crate::classify::Operation;
 use crate::limiter::{BlockReason, Blocked, Charge, Charged, Tracked};
 use crate::limiter::{FailureClass, Settle};
@@ -64,6 +71,58 @@ pub struct GateRecord {
     pub tracked: Option<Tracked>,
 }
 
+/// What the access event tells of a request's head, taken once when it arrives.
+#[derive(Debug, Clone)]
+pub struct RequestFacts {
+    /// The client address: the peer, or behind a trusted proxy the address it names.
+    pub client: IpAddr,
+    /// The client's HTTP version.
+    pub version: Version,
+    /// The user agent as logged.
+    pub user_agent: LoggedUserAgent,
+    /// The request id: the client's `X-Request-Id` or a new one.
+    pub request_id: HeaderValue,
+}
+
+impl Default for RequestFacts {
+    fn default() -> Self {
+        RequestFacts {
+            client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            version: Version::HTTP_11,
+            user_agent: LoggedUserAgent::Absent,
+            request_id: HeaderValue::from_static(""),
+        }
+    }
+}
+
+/// The request body bytes received from the client.
+#[derive(Debug, Clone, Default)]
+pub enum RequestBytes {
+    /// None: no body, or a rewritten call's (not read).
+    #[default]
+    None,
+    /// All there will be, in bytes: read whole before forwarding, or as far as it was read when
+    /// the request was answered without forwarding it.
+    Read(u64),
+    /// `read` bytes read before forwarding, and the rest counted as it streams upstream.
+    Streamed {
+        /// Bytes read before forwarding.
+        read: u64,
+        /// Bytes streamed since, as counted so far.
+        rest: Arc<AtomicU64>,
+    },
+}
+
+impl RequestBytes {
+    fn total(&self) -> u64 {
+        match self {
+            RequestBytes::None => 0,
+            RequestBytes::Read(n) => *n,
+            RequestBytes::Streamed { read, rest } => read + rest.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// One request being observed.
 pub struct Observation {
     metrics: Arc<Metrics>,
@@ -71,6 +130,8 @@ pub struct Observation {
     method: Method,
     /// What the request is.
     call: Call,
+    facts: RequestFacts,
+    request_bytes: RequestBytes,
     /// The gate's record.
     pub gate: GateRecord,
     upstream: Option<UpstreamRecord>,
@@ -83,17 +144,76 @@ pub struct Observation {
 #[derive(Debug, Clone, Copy)]
 enum UpstreamRecord {
     Answered(Duration),
-    Failed,
+    Failed(Duration),
+}
+
+impl UpstreamRecord {
+    fn elapsed(self) -> Duration {
+        match self {
+            UpstreamRecord::Answered(d) | UpstreamRecord::Failed(d) => d,
+        }
+    }
+}
+
+/// The access event of one request, recorded with its response head and written (target
+/// `oauth_apps_gateway::access`, level INFO) once the response body ended or was dropped, or at
+/// once for a request that got no response.
+pub struct AccessEvent {
+    started: Instant,
+    method: Method,
+    route: &'static str,
+    operation: &'static str,
+    action: Option<&'static str>,
+    status: u16,
+    outcome: Outcome,
+    upstream: Option<Duration>,
+    client_id: Option<Box<str>>,
+    facts: RequestFacts,
+    request_bytes: RequestBytes,
+}
+
+impl AccessEvent {
+    /// Writes the event: `response_bytes` of body were handed to the client's connection;
+    /// `complete` says whether the whole body was.
+    fn write(self, response_bytes: u64, complete: bool) {
+        let f = &self.facts;
+        tracing::info!(
+            target: "oauth_apps_gateway::access",
+            request_id = f.request_id.to_str().unwrap_or(""),
+            client_addr = %f.client,
+            protocol = access::protocol(f.version),
+            method = %self.method,
+            route = self.route,
+            operation = self.operation,
+            action = self.action,
+            status = self.status,
+            outcome = self.outcome.as_str(),
+            request_bytes = self.request_bytes.total(),
+            response_bytes,
+            response_complete = complete,
+            duration_seconds = %Seconds(self.started.elapsed()),
+            upstream_duration_seconds = self.upstream.map(|d| tracing::field::display(Seconds(d))),
+            user_agent = f.user_agent.as_str(),
+            client_id = %Escaped(self.client_id.as_deref().unwrap_or("")),
+        );
+    }
+}
+
+impl BodyEnd for AccessEvent {
+    fn ended(self, sent_bytes: u64, complete: bool) {
+        self.write(sent_bytes, complete);
+    }
 }
 
 impl Observation {
-    /// Opens the record of `call`, a request with `method` that arrived at `started`. `open`
-    /// keeps the drain waiting until the request is accounted for.
+    /// Opens the record of `call`, a request with `method` and head `facts` that arrived at
+    /// `started`. `open` keeps the drain waiting until the request is accounted for.
     pub fn start(
         metrics: Arc<Metrics>,
         started: Instant,
         method: Method,
         call: Call,
+        facts: RequestFacts,
         open: Open,
     ) -> Self {
         Observation {
@@ -102,6 +222,8 @@ impl Observation {
             started,
             method,
             call,
+            facts,
+            request_bytes: RequestBytes::None,
             gate: GateRecord::default(),
             upstream: None,
             status_compat: false,
@@ -120,26 +242,57 @@ impl Observation {
         &self.method
     }
 
+    /// The request id, returned to the client as `X-Request-Id`.
+    pub fn request_id(&self) -> &HeaderValue {
+        &self.facts.request_id
+    }
+
+    /// Records the request body bytes received from the client.
+    pub fn request_bytes(&mut self, bytes: RequestBytes) {
+        self.request_bytes = bytes;
+    }
+
     /// Records the upstream's response head, `elapsed` after forwarding.
     pub fn upstream_answered(&mut self, elapsed: Duration) {
         self.upstream = Some(UpstreamRecord::Answered(elapsed));
     }
 
-    /// Records a failed upstream exchange and logs why (never a URL, header or body).
-    pub fn upstream_failed(&mut self, e: &UpstreamError) {
-        self.upstream = Some(UpstreamRecord::Failed);
+    /// Records a failed upstream exchange, `elapsed` after forwarding, and logs why: the
+    /// upstream's `origin` (`scheme://host:port`, never a path or credential), the failure in
+    /// plain words, and which timeout fired with its value (`request_timeout` is
+    /// `server.request_timeout`). Never a URL path, header or body.
+    pub fn upstream_failed(
+        &mut self,
+        e: &UpstreamError,
+        elapsed: Duration,
+        origin: &str,
+        request_timeout: Duration,
+    ) {
+        self.upstream = Some(UpstreamRecord::Failed(elapsed));
         if let UpstreamError::Failed { kind, .. } = e {
             self.metrics.upstream_failure(*kind);
         }
         let operation = self.operation_label();
         match e {
-            UpstreamError::Failed { kind, source } => {
+            UpstreamError::Failed {
+                kind,
+                detail,
+                source,
+            } => {
                 let cause = source
                     .as_deref()
                     .map(|s| ErrorChain(s as &(dyn std::error::Error + 'static)));
+                let timeout = detail.timeout(request_timeout);
+                // A string, so the text format quotes it (it has spaces); failures are rare.
+                let failure = detail.describe(request_timeout).to_string();
                 tracing::warn!(
+                    upstream = origin,
                     kind = kind.as_str(),
+                    failure = failure.as_str(),
+                    timeout = timeout.map(|(key, _)| key),
+                    timeout_seconds = timeout.map(|(_, d)| tracing::field::display(Seconds(d))),
                     operation,
+                    request_id = self.facts.request_id.to_str().unwrap_or(""),
                     cause = cause.map(tracing::field::display),
                     "upstream exchange failed"
                 );
@@ -159,9 +312,11 @@ impl Observation {
     }
 
     /// Records the request's end: the status sent (or that would have been sent) and how it
-    /// ended; writes its metrics, gate log lines and access event.
-    pub fn finish(mut self, status: StatusCode, outcome: Outcome) {
-        self.record(status.as_u16(), outcome);
+    /// ended; writes its metrics and gate log lines. Returns its access event, to be written
+    /// when the response body ends ([`crate::body::Metered`]).
+    #[must_use = "the access event is written when it is told the body ended"]
+    pub fn finish(mut self, status: StatusCode, outcome: Outcome) -> AccessEvent {
+        self.record(status.as_u16(), outcome)
     }
 
     fn operation_label(&self) -> &'static str {
@@ -170,7 +325,7 @@ impl Observation {
             .map_or("pass_through", Operation::as_str)
     }
 
-    fn record(&mut self, status: u16, outcome: Outcome) {
+    fn record(&mut self, status: u16, outcome: Outcome) -> AccessEvent {
         self.done = true;
         let m = &*self.metrics;
         let elapsed = self.started.elapsed();
@@ -217,17 +372,19 @@ impl Observation {
             Outcome::ClientGone => m.interrupted(call.class, Interruption::ClientGone),
             Outcome::ShutDown => m.interrupted(call.class, Interruption::ShutDown),
         }
-        tracing::info!(
-            target: "oauth_apps_gateway::access",
-            method = %self.method,
-            route = call.class.as_str(),
-            operation = self.operation_label(),
-            action = legacy.map(|(_, a)| a.as_str()),
+        AccessEvent {
+            started: self.started,
+            method: self.method.clone(),
+            route: call.class.as_str(),
+            operation: self.operation_label(),
+            action: legacy.map(|(_, a)| a.as_str()),
             status,
-            outcome = outcome.as_str(),
-            duration_seconds = elapsed.as_secs_f64(),
-            client_id = %Escaped(client_id.unwrap_or("")),
-        );
+            outcome,
+            upstream: self.upstream.map(UpstreamRecord::elapsed),
+            client_id: self.call.client_id.take(),
+            facts: std::mem::take(&mut self.facts),
+            request_bytes: std::mem::take(&mut self.request_bytes),
+        }
     }
 
     fn record_gate(&self, client_id: Option<&str>) {
@@ -289,7 +446,9 @@ fn reason(b: Blocked) -> &'static str {
 impl Drop for Observation {
     fn drop(&mut self) {
         if !self.done {
-            self.record(CLIENT_CLOSED_REQUEST, Outcome::ClientGone);
+            // No response will carry the event: written now.
+            self.record(CLIENT_CLOSED_REQUEST, Outcome::ClientGone)
+                .write(0, false);
         }
     }
 }

@@ -11,6 +11,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Uri, Version};
 
+use crate::access;
 use crate::classify::{
     ClassifyError, LegacyCall, Malformed, Operation, Route, RouteClass, app_client_id, classify,
     spellings, with_separators_decoded,
@@ -191,7 +192,7 @@ pub fn plan(
         user_agent: None,
     };
     if call.legacy.is_some() {
-        call.user_agent = user_agent(headers);
+        call.user_agent = user_agent(headers, uri);
     }
     // Inside a brownout window a legacy operation is answered as in `reject`, whatever its mode.
     let legacy_op = match (&legacy_mode, &revoke_all) {
@@ -374,9 +375,15 @@ fn refused(route: &Result<Route<'_>, ClassifyError>, with_client_id: bool) -> Ca
 /// Longest `User-Agent` kept for the report, in bytes.
 const MAX_USER_AGENT_BYTES: usize = 256;
 
-/// The request's `User-Agent`, cut to [`MAX_USER_AGENT_BYTES`] at a character boundary.
-fn user_agent(headers: &HeaderMap) -> Option<Box<str>> {
-    let ua = headers.get(header::USER_AGENT)?.to_str().ok()?;
+/// The request's `User-Agent`, cut to [`MAX_USER_AGENT_BYTES`] at a character boundary;
+/// `[redacted]` when it holds a credential of the request ([`access::holds_credential`]).
+fn user_agent(headers: &HeaderMap, uri: &Uri) -> Option<Box<str>> {
+    let ua = headers.get(header::USER_AGENT)?;
+    let target = uri.path_and_query().map_or("", |p| p.as_str());
+    if access::holds_credential(ua.as_bytes(), target, headers) {
+        return Some(Box::from("[redacted]"));
+    }
+    let ua = ua.to_str().ok()?;
     let mut end = ua.len().min(MAX_USER_AGENT_BYTES);
     while !ua.is_char_boundary(end) {
         end -= 1;

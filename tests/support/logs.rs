@@ -60,3 +60,35 @@ pub fn capture(
             .expect("subscriber");
     (tracing::subscriber::set_default(sub), capture)
 }
+
+/// The fields of a text-format event line, `key=value` after the target: a quoted value as
+/// written between its quotes (escapes kept), a bare one up to the next space.
+pub fn text_fields(line: &str) -> std::collections::HashMap<String, String> {
+    let mut fields = std::collections::HashMap::new();
+    let mut rest = line.split_once(": ").map_or(line, |(_, r)| r).trim_start();
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].to_owned();
+        let after = &rest[eq + 1..];
+        let (value, next) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let mut escaped = false;
+                let end = quoted
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        let closes = !escaped && c == '"';
+                        escaped = !escaped && c == '\\';
+                        closes
+                    })
+                    .map_or(quoted.len(), |(i, _)| i);
+                (&quoted[..end], quoted.get(end + 1..).unwrap_or(""))
+            }
+            None => {
+                let end = after.find(' ').unwrap_or(after.len());
+                (&after[..end], &after[end..])
+            }
+        };
+        fields.insert(key, value.to_owned());
+        rest = next.trim_start();
+    }
+    fields
+}
