@@ -43,6 +43,18 @@ impl std::fmt::Debug for LogLevel {
 }
 
 impl LogLevel {
+    /// The control of a subscriber's reloadable level filter.
+    fn new<S: Send + Sync + 'static>(
+        handle: tracing_subscriber::reload::Handle<EnvFilter, S>,
+        from_env: bool,
+    ) -> Self {
+        let set = move |l: LevelFilter| handle.reload(level_filter(l)).map_err(|e| e.to_string());
+        LogLevel {
+            set: Box::new(set),
+            from_env,
+        }
+    }
+
     /// Puts `level` in force for every event from now on. With `RUST_LOG` set, which overrides
     /// `log.level`, nothing changes and `Ok(false)` says so.
     ///
@@ -89,24 +101,12 @@ where
                 .flatten_event(true)
                 .with_current_span(false)
                 .with_filter_reloading();
-            let handle = builder.reload_handle();
-            let set =
-                move |l: LevelFilter| handle.reload(level_filter(l)).map_err(|e| e.to_string());
-            let level = LogLevel {
-                set: Box::new(set),
-                from_env,
-            };
+            let level = LogLevel::new(builder.reload_handle(), from_env);
             (Box::new(builder.finish()), level)
         }
         LogFormat::Text => {
             let builder = builder.with_ansi(false).with_filter_reloading();
-            let handle = builder.reload_handle();
-            let set =
-                move |l: LevelFilter| handle.reload(level_filter(l)).map_err(|e| e.to_string());
-            let level = LogLevel {
-                set: Box::new(set),
-                from_env,
-            };
+            let level = LogLevel::new(builder.reload_handle(), from_env);
             (Box::new(builder.finish()), level)
         }
     })
@@ -149,5 +149,42 @@ mod tests {
         );
         assert!(subscriber(&cfg, Some("  "), std::io::sink).is_ok());
         assert!(subscriber(&cfg, Some("debug,hyper=warn"), std::io::sink).is_ok());
+    }
+
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_level_changes_while_running_unless_rust_log_set_it() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            let cfg = LogConfig {
+                format,
+                level: LevelFilter::INFO,
+            };
+            let lines = Lines::default();
+            let writer = lines.clone();
+            let (sub, level) = subscriber(&cfg, None, move || writer.clone()).unwrap();
+            tracing::subscriber::with_default(sub, || {
+                tracing::debug!("before the change");
+                assert_eq!(level.set(LevelFilter::DEBUG), Ok(true));
+                tracing::debug!("after the change");
+            });
+            let out = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+            assert!(!out.contains("before the change"), "{out}");
+            assert!(out.contains("after the change"), "{out}");
+
+            let (_sub, level) = subscriber(&cfg, Some("warn"), std::io::sink).unwrap();
+            assert_eq!(level.set(LevelFilter::DEBUG), Ok(false), "RUST_LOG wins");
+        }
     }
 }
