@@ -123,7 +123,7 @@ pub struct TlsFiles {
 }
 
 /// `[upstream]`: where calls are forwarded.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// Scheme and authority of the upstream (`upstream.url`), `http` or `https`, no path.
     pub url: Uri,
@@ -1059,6 +1059,22 @@ fn parse_media_type(key: &'static str, value: &str) -> Result<Option<HeaderValue
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_credential_in_a_url_is_never_echoed_in_an_error() {
+        for text in [
+            "[upstream]\nurl = \"https://octo:ghp_s3cr3tT0ken@ghe.example/api\"\n",
+            "[migration]\ndeprecation_link = \"ftp://octo:ghp_s3cr3tT0ken@ghe.example/\"\n",
+            "[server]\nmax_connections = \"https://octo:ghp_s3cr3tT0ken@ghe.example\"\n",
+        ] {
+            let e = Config::from_toml_str(text).unwrap_err().to_string();
+            assert!(
+                !e.contains("ghp_s3cr3tT0ken") && !e.contains("octo:"),
+                "{e}"
+            );
+            assert!(e.contains("://***@ghe.example"), "{e}");
+        }
+    }
+
     use super::*;
 
     fn err(text: &str) -> String {

@@ -68,6 +68,9 @@ pub struct ReloadReport {
 /// What is in force now.
 struct Applied {
     config: Config,
+    /// SHA-256 of `upstream.ca_file` as last read (`None`: no file, or unreadable): the
+    /// upstream pools are kept over a reload unless `[upstream]` or this changed.
+    ca_digest: Option<[u8; 32]>,
     /// The last limiter built, kept while `failed_checks.enabled` is false so that turning it
     /// back on finds every key as it was.
     limiter: Option<Arc<FailedChecks>>,
@@ -117,6 +120,7 @@ impl Reloader {
         Reloader {
             path,
             applied: Mutex::new(Applied {
+                ca_digest: ca_digest(&config),
                 config,
                 limiter: parts.limiter,
             }),
@@ -180,33 +184,41 @@ impl Reloader {
         let mut applied = self.applied.lock().await;
         let path = self.path.clone();
         let workers = self.proxies.len();
+        let upstream_in_force = (applied.config.upstream.clone(), applied.ca_digest);
         // Files are read off the serving threads.
         let serving_tls = self.tls.is_some();
         let built = tokio::task::spawn_blocking(move || {
             let config = Config::load(&path)?;
             let digest = std::fs::read(&path).map(|b| sha256(&b)).unwrap_or_default();
-            let upstreams =
-                app::upstreams(&config, workers).map_err(|source| ReloadError::Upstream {
-                    path: path.clone(),
-                    source,
-                })?;
+            // New pools only for a new upstream (or new CA content): otherwise every reload
+            // would make each worker connect to the upstream afresh.
+            let ca = ca_digest(&config);
+            let upstreams = if (config.upstream.clone(), ca) == upstream_in_force {
+                None
+            } else {
+                Some(
+                    app::upstreams(&config, workers).map_err(|source| ReloadError::Upstream {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            };
             // The certificate is loaded again too (files may have new content under the same
             // names); switching TLS on or off needs a restart.
             let certificate = match (&config.server.tls, serving_tls) {
                 (Some(files), true) => {
-                    let key = tls::load(files).map_err(|source| ReloadError::Tls {
+                    Some(tls::prepare(files).map_err(|source| ReloadError::Tls {
                         path: path.clone(),
                         source,
-                    })?;
-                    Some((files.clone(), key))
+                    })?)
                 }
                 _ => None,
             };
-            Ok::<_, ReloadError>((config, digest, upstreams, certificate))
+            Ok::<_, ReloadError>((config, digest, ca, upstreams, certificate))
         })
         .await
         .map_err(|_| ReloadError::Interrupted)?;
-        let (config, digest, upstreams, certificate) = built?;
+        let (config, digest, ca, upstreams, certificate) = built?;
 
         let fc = &config.failed_checks;
         let limiter = match (&applied.limiter, fc.enabled) {
@@ -225,13 +237,18 @@ impl Reloader {
             );
             settings.body_budget = budget;
         }
-        for (proxy, upstream) in self.proxies.iter().zip(upstreams) {
+        let mut upstreams = upstreams.map(Vec::into_iter);
+        for proxy in self.proxies.iter() {
+            let upstream = match upstreams.as_mut().and_then(Iterator::next) {
+                Some(new) => new,
+                None => proxy.upstream(),
+            };
             proxy.reload(upstream, settings.clone(), in_force.clone());
         }
         self.serve_options
             .send_replace(app::serve_options(&config.server));
-        if let (Some(certs), Some((files, key))) = (&self.tls, certificate) {
-            certs.install(&files, key);
+        if let (Some(certs), Some(loaded)) = (&self.tls, certificate) {
+            certs.install(loaded);
         }
         if let Some(level) = &self.log_level
             && let Err(e) = level.set(config.log.level)
@@ -257,9 +274,19 @@ impl Reloader {
             needs_restart,
             sha256: hex(&digest),
         };
-        *applied = Applied { config, limiter };
+        *applied = Applied {
+            config,
+            ca_digest: ca,
+            limiter,
+        };
         Ok(report)
     }
+}
+
+/// The SHA-256 of the CA bundle `config` names, when it names one and it can be read.
+fn ca_digest(config: &Config) -> Option<[u8; 32]> {
+    let path = config.upstream.ca_file.as_ref()?;
+    std::fs::read(path).ok().map(|b| sha256(&b))
 }
 
 /// The first 48 bits of a digest as a number (exact in a Prometheus float).

@@ -140,6 +140,35 @@ fn pem_reason(e: &rustls::pki_types::pem::Error) -> String {
     }
 }
 
+/// A certificate loaded from its files, with what the files looked like just before they were
+/// read (so a change made while they were read is seen by the next look).
+pub struct Loaded {
+    files: TlsFiles,
+    stamps: [Option<Stamp>; 2],
+    key: Arc<CertifiedKey>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Looks at the files `files` names, then loads them (blocking file reads).
+///
+/// # Errors
+/// As [`load`].
+pub fn prepare(files: &TlsFiles) -> Result<Loaded, TlsError> {
+    let stamps = [stamp(&files.cert), stamp(&files.key)];
+    Ok(Loaded {
+        files: files.clone(),
+        stamps,
+        key: load(files)?,
+    })
+}
+
 /// What a file looked like when last loaded: a change in any part means "load again".
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
@@ -183,11 +212,10 @@ impl Certificates {
     /// # Errors
     /// As [`load`].
     pub fn new(files: &TlsFiles, metrics: Arc<Metrics>) -> Result<Arc<Self>, TlsError> {
-        let stamps = [stamp(&files.cert), stamp(&files.key)];
-        let key = load(files)?;
+        let Loaded { files, stamps, key } = prepare(files)?;
         Ok(Arc::new(Certificates {
             current: RwLock::new(key),
-            files: Mutex::new((files.clone(), stamps)),
+            files: Mutex::new((files, stamps)),
             metrics,
         }))
     }
@@ -202,30 +230,30 @@ impl Certificates {
         Acceptor(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
     }
 
-    /// Puts a certificate loaded from `files` in service (a configuration reload, which may
-    /// also have named other files).
-    pub fn install(&self, files: &TlsFiles, key: Arc<CertifiedKey>) {
-        let stamps = [stamp(&files.cert), stamp(&files.key)];
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = key;
-        *self.files.lock().unwrap_or_else(PoisonError::into_inner) = (files.clone(), stamps);
+    /// Puts a certificate [`prepare`]d from a reloaded configuration in service (its files may
+    /// be other ones). Taken under the same lock as [`Certificates::reload_if_changed`], so a
+    /// look at the files in progress cannot put an older certificate back afterwards.
+    pub fn install(&self, loaded: Loaded) {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = loaded.key;
+        *files = (loaded.files, loaded.stamps);
         self.metrics.tls_certificate_reload(ReloadResult::Success);
     }
 
     /// Loads the files again when they changed since last looked at; `None` when they did
     /// not. A file that does not load is logged and counted, and the certificate in service
-    /// stays; it is tried again once the files change again.
+    /// stays; it is tried again once the files change again. The files are looked at before
+    /// they are read, and the lock is held until the certificate is in service, so a change
+    /// made meanwhile is seen by the next look and a reload cannot be undone by this one.
     pub fn reload_if_changed(&self) -> Option<Result<(), TlsError>> {
-        let files = {
-            let mut guard = self.files.lock().unwrap_or_else(PoisonError::into_inner);
-            let (files, stamps) = &mut *guard;
-            let now = [stamp(&files.cert), stamp(&files.key)];
-            if now == *stamps {
-                return None;
-            }
-            *stamps = now;
-            files.clone()
-        };
-        Some(match load(&files) {
+        let mut guard = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        let (files, stamps) = &mut *guard;
+        let now = [stamp(&files.cert), stamp(&files.key)];
+        if now == *stamps {
+            return None;
+        }
+        *stamps = now;
+        Some(match load(files) {
             Ok(key) => {
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = key;
                 self.metrics.tls_certificate_reload(ReloadResult::Success);

@@ -79,7 +79,7 @@ async fn binary_serves_and_drains_on_sigterm() {
     .await;
     assert_eq!(a.status, 200);
 
-    // SIGHUP does not stop it (reload is not implemented; the default action would kill it).
+    // SIGHUP does not stop it (it reloads the config; the default action would kill it).
     let hup = Command::new("kill")
         .args(["-HUP", &running.child.id().to_string()])
         .status()

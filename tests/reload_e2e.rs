@@ -329,3 +329,85 @@ async fn reload_is_post_only_and_needs_a_file() {
     .await;
     assert_eq!(a.status, 404);
 }
+
+/// A reload keeps the upstream connection pools when `[upstream]` did not change (no reconnect
+/// to GitHub per SIGHUP), builds new ones when it did, and a new `upstream.url` takes the next
+/// call.
+#[tokio::test]
+async fn a_reload_keeps_upstream_connections_unless_the_upstream_changed() {
+    use support::faulty_relay::{Fault, FaultyRelay};
+    let gh = FakeGithub::start().await;
+    gh.add_app(CLIENT_ID, CLIENT_SECRET);
+    let token = gh.issue_token(CLIENT_ID, "octocat");
+    let relay = FaultyRelay::start(gh.addr(), |_, _| Fault::Pass).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    let one_worker = "[server]\nworker_threads = 1\n";
+    write_config(&path, &relay.url(), one_worker);
+    let gw = Gateway::start_from_file(&path).await;
+    let check = format!("{}/applications/{CLIENT_ID}/tokens/{token}", gw.url());
+    let auth = basic_auth();
+    let headers = [("authorization", auth.as_str())];
+    let client = http1_client();
+    let conns = || {
+        let mut c: Vec<usize> = relay.arrivals().iter().map(|a| a.conn).collect();
+        c.dedup();
+        c
+    };
+    assert_eq!(
+        call(&client, Method::GET, &check, &headers, Bytes::new())
+            .await
+            .status,
+        200
+    );
+
+    write_config(
+        &path,
+        &relay.url(),
+        &format!("{one_worker}[migration]\ndeprecation_headers = true\n"),
+    );
+    assert_eq!(reload(&gw).await.0, 200);
+    assert_eq!(
+        call(&client, Method::GET, &check, &headers, Bytes::new())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        conns(),
+        vec![0],
+        "the pool was rebuilt by a reload that left [upstream] alone"
+    );
+
+    std::fs::write(
+        &path,
+        format!(
+            "{one_worker}[upstream]\nurl = {:?}\nconnect_timeout = \"3s\"\n",
+            relay.url()
+        ),
+    )
+    .unwrap();
+    assert_eq!(reload(&gw).await.0, 200);
+    assert_eq!(
+        call(&client, Method::GET, &check, &headers, Bytes::new())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(conns(), vec![0, 1], "a changed [upstream] got new pools");
+
+    // Another upstream altogether: the next call goes there.
+    let other = FakeGithub::start().await;
+    other.add_app(CLIENT_ID, CLIENT_SECRET);
+    other.add_token(CLIENT_ID, "octocat", &token);
+    write_config(&path, &other.url(), one_worker);
+    assert_eq!(reload(&gw).await.0, 200);
+    assert_eq!(
+        call(&client, Method::GET, &check, &headers, Bytes::new())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(other.request_count(), 1);
+    assert_eq!(relay.arrivals().len(), 3);
+}

@@ -336,3 +336,53 @@ async fn a_broken_key_file_is_a_startup_error_naming_the_file() {
         }
     }
 }
+
+/// A reload that names other certificate files serves them to the next handshake at once, and
+/// the file watcher then looks at the new files (not the old ones).
+#[tokio::test]
+async fn a_reload_naming_other_certificate_files_serves_them_at_once() {
+    let (gh, token) = upstream().await;
+    let (old, new, newer) = (TestPki::new(&[]), TestPki::new(&[]), TestPki::new(&[]));
+    let dir = tempfile::tempdir().unwrap();
+    for (pki, version) in [(&old, "v1"), (&new, "v2")] {
+        std::fs::create_dir(dir.path().join(version)).unwrap();
+        pki.write_leaf(&dir.path().join(version));
+    }
+    let config = dir.path().join("config.toml");
+    write_config(&config, &gh.url(), "v1/cert.pem", "v1/key.pem", "");
+    let gw = Gateway::start_from_file(&config).await;
+    let check = format!("/applications/{CLIENT_ID}/tokens/{token}");
+    let mut on_old = connect(&gw, &old, &[b"h2"]).await.expect("serving v1");
+    assert_eq!(send(&mut on_old, &check).await.0, StatusCode::OK);
+
+    write_config(&config, &gh.url(), "v2/cert.pem", "v2/key.pem", "");
+    let a = support::call(
+        &support::http1_client(),
+        http::Method::POST,
+        &format!("{}/reload", gw.admin_url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let mut on_new = connect(&gw, &new, &[b"h2"])
+        .await
+        .expect("v2 served after the reload");
+    assert_eq!(send(&mut on_new, &check).await.0, StatusCode::OK);
+    assert_eq!(
+        send(&mut on_old, &check).await.0,
+        StatusCode::OK,
+        "old session goes on"
+    );
+
+    // The watcher follows the new files: v2 rewritten is taken within 2 s; v1 is not looked at.
+    newer.write_leaf(&dir.path().join("v2"));
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while connect(&gw, &newer, &[b"h2"]).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the rewritten v2 files were not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

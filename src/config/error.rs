@@ -83,6 +83,30 @@ pub enum Location {
     Default,
 }
 
+/// `text` with the user information of every URL in it (`https://user:secret@host`) replaced
+/// by `***`: a value echoed in an error (which a reload writes to the log and to the `/reload`
+/// answer) never carries a credential an operator put in a URL by mistake.
+pub(super) fn without_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(['/', '?', '#', '"', '\'', ' ', '`'])
+            .unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -110,7 +134,7 @@ impl ConfigError {
         ConfigError::Invalid {
             path: None,
             key: key.to_owned(),
-            value,
+            value: without_userinfo(&value),
             expected: expected.into(),
             at: Location::Default,
         }
@@ -133,6 +157,7 @@ impl ConfigError {
             None if key.is_empty() => (String::new(), message.to_owned()),
             None => (format!("{key}: "), message.to_owned()),
         };
+        let message = without_userinfo(&message);
         ConfigError::Syntax {
             path: PathBuf::new(),
             key_prefix,

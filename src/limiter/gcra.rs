@@ -230,7 +230,8 @@ impl<K: Hash + Eq + Clone> Gcra<K> {
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst);
         // governor counts from the clock reading taken when each limiter is built; this one is
-        // taken just before, so the offset may be short by nanoseconds (only ever stricter).
+        // taken just before, so the offset may be short by nanoseconds (reads a few nanoseconds
+        // stricter, writes as many more lenient: nothing a quota in seconds can tell).
         let offset = clock.now().saturating_sub(start);
         Gcra {
             start,

@@ -244,6 +244,11 @@ impl Proxy {
         }));
     }
 
+    /// The upstream client requests are forwarded through now.
+    pub fn upstream(&self) -> Upstream {
+        self.current.load().upstream.clone()
+    }
+
     /// The failed-check limiter requests are gated by now (`None` when disabled).
     pub fn limiter(&self) -> Option<Arc<FailedChecks>> {
         self.current.load().limiter.clone()
