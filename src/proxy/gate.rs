@@ -102,7 +102,6 @@ mod tests {
             legacy: None,
             client_id: app.then(|| Box::from("Iv1.a")),
             query_credentials: (false, false),
-            user_agent: None,
         }
     }
 

@@ -361,7 +361,9 @@ impl Observation {
                 }
                 _ => CallOutcome::Gateway,
             };
-            m.deprecated_call(op, action, client_id, call.user_agent.as_deref(), outcome);
+            // The user agent as the access event has it: cut, escaped, never a credential.
+            let user_agent = Some(self.facts.user_agent.as_str()).filter(|ua| !ua.is_empty());
+            m.deprecated_call(op, action, client_id, user_agent, outcome);
         }
         self.record_gate(client_id);
         if let Ok(status) = StatusCode::from_u16(status) {

@@ -11,7 +11,6 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Method, Uri, Version};
 
-use crate::access;
 use crate::classify::{
     ClassifyError, LegacyCall, Malformed, Operation, Route, RouteClass, app_client_id, classify,
     spellings, with_separators_decoded,
@@ -36,9 +35,6 @@ pub struct Call {
     pub client_id: Option<Box<str>>,
     /// Deprecated query credentials removed: `(client_secret, access_token)`.
     pub query_credentials: (bool, bool),
-    /// The `User-Agent` of a legacy call (for the report: which library to upgrade); `None`
-    /// for other calls.
-    pub user_agent: Option<Box<str>>,
 }
 
 impl Call {
@@ -149,7 +145,6 @@ pub fn plan(
                 legacy: Some((e.operation, LegacyAction::Malformed)),
                 client_id: None,
                 query_credentials: (false, false),
-                user_agent: None,
             };
             return Plan::Answer(call, ProxyError::MalformedLegacy(e));
         }
@@ -189,11 +184,7 @@ pub fn plan(
             r => r.client_id().map(Box::from),
         },
         query_credentials: (false, false),
-        user_agent: None,
     };
-    if call.legacy.is_some() {
-        call.user_agent = user_agent(headers, uri);
-    }
     // Inside a brownout window a legacy operation is answered as in `reject`, whatever its mode.
     let legacy_op = match (&legacy_mode, &revoke_all) {
         (Some((c, _)), _) => Some(c.operation),
@@ -342,7 +333,6 @@ pub fn unrouted() -> Call {
         legacy: None,
         client_id: None,
         query_credentials: (false, false),
-        user_agent: None,
     }
 }
 
@@ -368,27 +358,7 @@ fn refused(route: &Result<Route<'_>, ClassifyError>, with_client_id: bool) -> Ca
             .and_then(Route::client_id)
             .map(Box::from),
         query_credentials: (false, false),
-        user_agent: None,
     }
-}
-
-/// Longest `User-Agent` kept for the report, in bytes.
-const MAX_USER_AGENT_BYTES: usize = 256;
-
-/// The request's `User-Agent`, cut to [`MAX_USER_AGENT_BYTES`] at a character boundary;
-/// `[redacted]` when it holds a credential of the request ([`access::holds_credential`]).
-fn user_agent(headers: &HeaderMap, uri: &Uri) -> Option<Box<str>> {
-    let ua = headers.get(header::USER_AGENT)?;
-    let target = uri.path_and_query().map_or("", |p| p.as_str());
-    if access::holds_credential(ua.as_bytes(), target, headers) {
-        return Some(Box::from("[redacted]"));
-    }
-    let ua = ua.to_str().ok()?;
-    let mut end = ua.len().min(MAX_USER_AGENT_BYTES);
-    while !ua.is_char_boundary(end) {
-        end -= 1;
-    }
-    Some(Box::from(&ua[..end]))
 }
 
 /// The method a case variant of GET, HEAD, POST, PATCH or DELETE names, such as `Get`.
