@@ -1,33 +1,18 @@
 //! Runs a real legacy client, @octokit/rest 16.43.2 on node (tests/legacy-client/demo.js),
 //! against a gateway in front of the fake GitHub: each of its eight legacy methods, in both auth
 //! styles, with and without `/api/v3`. Checks what the client sees, the fake's token state, and
-//! that the upstream got only the replacement form. Without node or the client's node_modules it
-//! skips with a note, or fails under `CI=true`; install with tests/legacy-client/install.sh.
+//! that the upstream got only the replacement form. Every test here is `#[ignore]`: it needs node
+//! and the pinned client (`bash tests/legacy-client/install.sh`), and fails naming them when they
+//! are missing. `cargo test -- --include-ignored` runs it.
 
 mod support;
-
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use http::Method;
 use serde_json::{Value, json};
 use support::fake_github::RecordedRequest;
+use support::legacy_client::{AUTH_STYLES, Demo, OCTOKIT_VERSION};
 use support::{CLIENT_ID, CLIENT_SECRET, basic_auth, setup, setup_with};
-use tokio::sync::Semaphore;
 
-const OCTOKIT_VERSION: &str = "16.43.2";
-/// One demo run makes at most eight local calls; node itself starts in well under a second.
-const NODE_TIMEOUT: Duration = Duration::from_secs(30);
-/// At most two node processes at once, whatever the test harness's thread count.
-static NODE_SLOTS: Semaphore = Semaphore::const_new(2);
-
-/// `OCTOKIT_AUTH` values demo.js accepts: `new Octokit({ auth: { clientId, clientSecret } })`
-/// and `octokit.authenticate({ type: "basic", ... })`.
-const AUTH_STYLES: [&str; 2] = ["auth-object", "authenticate-basic"];
 /// The API base URL's path: api.github.com style, then GitHub Enterprise Server style.
 const PREFIXES: [&str; 2] = ["", "/api/v3"];
 
@@ -71,21 +56,25 @@ const OPERATIONS: [(&str, Kind); 8] = [
 ];
 
 #[tokio::test]
+#[ignore = "needs node and @octokit/rest 16.43.2: bash tests/legacy-client/install.sh"]
 async fn check_authorization() {
     each_operation_of(Kind::Check).await;
 }
 
 #[tokio::test]
+#[ignore = "needs node and @octokit/rest 16.43.2: bash tests/legacy-client/install.sh"]
 async fn reset_authorization() {
     each_operation_of(Kind::Reset).await;
 }
 
 #[tokio::test]
+#[ignore = "needs node and @octokit/rest 16.43.2: bash tests/legacy-client/install.sh"]
 async fn revoke_authorization_for_application() {
     each_operation_of(Kind::RevokeToken).await;
 }
 
 #[tokio::test]
+#[ignore = "needs node and @octokit/rest 16.43.2: bash tests/legacy-client/install.sh"]
 async fn revoke_grant_for_application() {
     each_operation_of(Kind::RevokeGrant).await;
 }
@@ -94,10 +83,9 @@ async fn revoke_grant_for_application() {
 /// ACCESS_TOKEN to every call, so once `apps.resetAuthorization` has replaced it, every later
 /// call names a token that no longer exists and GitHub (the fake) answers 404. That is correct.
 #[tokio::test]
+#[ignore = "needs node and @octokit/rest 16.43.2: bash tests/legacy-client/install.sh"]
 async fn full_run_reuses_the_token_it_reset() {
-    let Some(demo) = legacy_client().await else {
-        return;
-    };
+    let demo = Demo::require().await;
     for auth in AUTH_STYLES {
         for prefix in PREFIXES {
             let label = format!("all operations, OCTOKIT_AUTH={auth}, prefix {prefix:?}");
@@ -156,10 +144,9 @@ async fn full_run_reuses_the_token_it_reset() {
 /// (a legacy URL holds the token; revokeGrant in auth style `auth-object` sends the secret in the
 /// query). With `deprecation_headers = true` it does, which is why the default is off.
 #[tokio::test]
+#[ignore = "needs node and @octokit/rest 16.43.2: bash tests/legacy-client/install.sh"]
 async fn the_default_never_makes_the_client_print_its_secrets() {
-    let Some(demo) = legacy_client().await else {
-        return;
-    };
+    let demo = Demo::require().await;
     for headers_on in [false, true] {
         let (gh, gw) = setup_with(|c| c.migration.deprecation_headers = headers_on).await;
         let token = gh.issue_token(CLIENT_ID, "octocat");
@@ -178,9 +165,7 @@ async fn the_default_never_makes_the_client_print_its_secrets() {
 /// Runs each demo operation of `kind` (its `apps.*` and `oauthAuthorizations.*` names) in both
 /// auth styles, with and without `/api/v3`, each against a fresh fake with fresh tokens.
 async fn each_operation_of(kind: Kind) {
-    let Some(demo) = legacy_client().await else {
-        return;
-    };
+    let demo = Demo::require().await;
     for (operation, _) in OPERATIONS.iter().filter(|(_, k)| *k == kind) {
         for auth in AUTH_STYLES {
             for prefix in PREFIXES {
@@ -329,203 +314,4 @@ fn assert_replacement_form(
         accept.contains("application/vnd.github.v3+json"),
         "{label}: accept {accept:?}"
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Running demo.js
-
-/// The installed fixture: tests/legacy-client with its node_modules.
-struct Demo {
-    dir: PathBuf,
-}
-
-impl Demo {
-    /// Runs demo.js against `base_url` (only `operation` when given) and returns its JSON lines.
-    async fn run(
-        &self,
-        base_url: &str,
-        token: &str,
-        auth: &str,
-        operation: Option<&str>,
-    ) -> Vec<Value> {
-        self.run_with_stderr(base_url, token, auth, operation)
-            .await
-            .0
-    }
-
-    /// As [`Demo::run`], with what the client wrote to stderr. The child runs on the blocking
-    /// pool, so the gateway on this runtime keeps serving it.
-    async fn run_with_stderr(
-        &self,
-        base_url: &str,
-        token: &str,
-        auth: &str,
-        operation: Option<&str>,
-    ) -> (Vec<Value>, String) {
-        let mut cmd = Command::new("node");
-        cmd.arg(self.dir.join("demo.js"))
-            .current_dir(&self.dir)
-            .env("GATEWAY_URL", base_url)
-            .env("CLIENT_ID", CLIENT_ID)
-            .env("CLIENT_SECRET", CLIENT_SECRET)
-            .env("ACCESS_TOKEN", token)
-            .env("OCTOKIT_AUTH", auth)
-            .env_remove("ONLY")
-            .env_remove("DEMO_VERBOSE");
-        if let Some(op) = operation {
-            cmd.env("ONLY", op);
-        }
-        let what = format!(
-            "demo.js (ONLY={}, OCTOKIT_AUTH={auth}, GATEWAY_URL={base_url})",
-            operation.unwrap_or("")
-        );
-
-        let _slot = NODE_SLOTS
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        let done = tokio::task::spawn_blocking(move || run_bounded(cmd, NODE_TIMEOUT))
-            .await
-            .expect("join the blocking task")
-            .unwrap_or_else(|e| panic!("{what}: could not start node: {e}"));
-        let Some(status) = done.status else {
-            panic!(
-                "{what}: no exit within {NODE_TIMEOUT:?}; killed. stdout:\n{}\nstderr:\n{}",
-                done.stdout, done.stderr
-            );
-        };
-        assert!(
-            status.success(),
-            "{what}: {status}. stdout:\n{}\nstderr:\n{}",
-            done.stdout,
-            done.stderr
-        );
-        let lines = done
-            .stdout
-            .lines()
-            .map(|line| {
-                serde_json::from_str(line).unwrap_or_else(|e| {
-                    panic!(
-                        "{what}: not a JSON line ({e}): {line:?}\nstderr:\n{}",
-                        done.stderr
-                    )
-                })
-            })
-            .collect();
-        (lines, done.stderr)
-    }
-}
-
-/// A finished (or killed) child: `status` is `None` when it was killed at the deadline.
-struct Finished {
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` with its output captured, killing it if it has not exited within `limit`.
-/// Blocking: call from `spawn_blocking`.
-fn run_bounded(mut cmd: Command, limit: Duration) -> std::io::Result<Finished> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn()?;
-    // Readers on their own threads, so a chatty child can never block on a full pipe.
-    let stdout = read_to_end(child.stdout.take());
-    let stderr = read_to_end(child.stderr.take());
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            // Deadline passed, or the child cannot be polled: either way it must not outlive us.
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    Ok(Finished {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    })
-}
-
-fn read_to_end(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_end(&mut bytes);
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Prerequisites
-
-/// The fixture when node and its node_modules are there. Otherwise `None` after a `skipped:`
-/// note on stderr, or a panic naming the install step under `CI=true` (CI must not skip).
-async fn legacy_client() -> Option<Demo> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/legacy-client");
-    let probe = dir.clone();
-    let missing = tokio::task::spawn_blocking(move || missing_prerequisite(&probe))
-        .await
-        .expect("join the blocking task");
-    let Some(why) = missing else {
-        return Some(Demo { dir });
-    };
-    if on_ci() {
-        panic!(
-            "legacy-client test cannot run: {why}. CI must install it first: \
-             `bash tests/legacy-client/install.sh` (node and npm, then `npm ci` in tests/legacy-client)"
-        );
-    }
-    // Once per run, and straight to stderr: libtest captures `eprintln!` of passing tests.
-    static NOTED: AtomicBool = AtomicBool::new(false);
-    if NOTED.swap(true, Ordering::Relaxed) {
-        return None;
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "legacy_client: skipped: run `npm ci --prefix tests/legacy-client` ({why})"
-    );
-    None
-}
-
-/// Why the legacy client cannot run here, if it cannot.
-fn missing_prerequisite(dir: &Path) -> Option<String> {
-    let mut node = Command::new("node");
-    node.arg("--version");
-    match run_bounded(node, Duration::from_secs(10)) {
-        Err(e) => {
-            return Some(format!(
-                "needs node and npm; `node` could not be started: {e}"
-            ));
-        }
-        Ok(done) => match done.status {
-            Some(s) if s.success() => {}
-            Some(s) => return Some(format!("`node --version` {s}: {}", done.stderr.trim())),
-            None => return Some("`node --version` did not exit within 10 s".to_owned()),
-        },
-    }
-    let manifest = dir.join("node_modules/@octokit/rest/package.json");
-    let version = std::fs::read(&manifest)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-        .and_then(|v| v["version"].as_str().map(str::to_owned));
-    match version {
-        Some(v) if v == OCTOKIT_VERSION => None,
-        Some(v) => Some(format!(
-            "tests/legacy-client/node_modules has @octokit/rest {v}, not {OCTOKIT_VERSION}"
-        )),
-        None => Some("tests/legacy-client/node_modules/@octokit/rest is not installed".to_owned()),
-    }
-}
-
-/// `CI=true` (GitHub Actions, GitLab and most CI systems set it) or `CI=1`.
-fn on_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }

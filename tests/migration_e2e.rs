@@ -570,14 +570,9 @@ async fn readyz_turns_503_while_draining_and_admin_is_not_on_the_proxy_listener(
 }
 
 #[tokio::test]
+#[ignore = "needs promtool: apt-get install prometheus"]
 async fn promtool_finds_nothing_to_lint_after_every_operation() {
-    let Some(promtool) = find_promtool() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("promtool is missing: install Debian's prometheus package (.ci/run does)");
-        }
-        eprintln!("skipped: promtool not installed (apt-get install prometheus)");
-        return;
-    };
+    let promtool = support::tools::require("promtool", support::tools::PROMETHEUS_INSTALL);
     let (gh, gw) = setup().await;
     let base = format!("{}/applications/{CLIENT_ID}", gw.url());
     for prefix_base in [
@@ -595,33 +590,9 @@ async fn promtool_finds_nothing_to_lint_after_every_operation() {
     }
     call_as_app(Method::GET, &format!("{}/user?access_token=x", gw.url())).await;
     let text = get(&format!("{}/metrics", gw.admin_url())).await;
-    let mut child = std::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(&text.body).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool check metrics:\n{report}"
-    );
-}
-
-fn find_promtool() -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("promtool"))
-            .find(|p| p.is_file())
-    })
+    if let Err(report) = support::prometheus::lint_metrics(&promtool, &text.body) {
+        panic!("{report}");
+    }
 }
 
 #[tokio::test]

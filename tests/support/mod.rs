@@ -1,13 +1,18 @@
 //! Shared integration-test support: the in-process fake GitHub, test certificates, a gateway
-//! spawner on 127.0.0.1:0 and small HTTP clients. Nothing here reaches beyond 127.0.0.1.
+//! spawner on 127.0.0.1:0 and small HTTP clients; for the tests that need an outside program
+//! (`tools`), the real legacy client on node and a Prometheus server. Nothing here reaches
+//! beyond 127.0.0.1.
 #![allow(dead_code)]
 
 pub mod binary;
 pub mod fake_github;
 pub mod faulty_relay;
 pub mod h2raw;
+pub mod legacy_client;
 pub mod logs;
+pub mod prometheus;
 pub mod tls;
+pub mod tools;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
