@@ -1,7 +1,10 @@
 //! Runs the test suite's fake GitHub OAuth Applications API as a standalone server, seeded with
-//! one app and one token, for trying the gateway by hand. Not a product: no TLS, no persistence.
+//! one app, a token to check and one token for each legacy operation that uses its token up
+//! (reset, revoke_token, revoke_grant), so every operation can be tried by hand without a
+//! restart. Not a product: no TLS, no persistence.
 //!
-//!     cargo run --example fake-github -- --listen 127.0.0.1:9000
+//!     cargo build --bin oauth-apps-gateway --example fake-github   # one build with the gateway
+//!     target/debug/examples/fake-github --listen 127.0.0.1:9000
 #![forbid(unsafe_code)]
 
 #[path = "../tests/support/fake_github.rs"]
@@ -25,8 +28,9 @@ struct Args {
     /// Its client secret [env: FAKE_GITHUB_CLIENT_SECRET] [default: demo-secret]
     #[arg(long)]
     client_secret: Option<String>,
-    /// An access token valid for that app [env: FAKE_GITHUB_TOKEN]
-    /// [default: gho_demo00000000000000000000000000000000]
+    /// An access token valid for that app, the one to check [env: FAKE_GITHUB_TOKEN]
+    /// [default: gho_demo00000000000000000000000000000000]. The tokens for reset, revoke_token
+    /// and revoke_grant are fixed and printed at start.
     #[arg(long)]
     token: Option<String>,
     /// Login of the token's user [env: FAKE_GITHUB_USER] [default: octocat]
@@ -81,13 +85,18 @@ async fn main() -> ExitCode {
         }
     };
     let fake = fake_github::FakeGithub::serve(listener, None);
-    fake.add_app(&client_id, &client_secret);
-    fake.add_token(&client_id, &user, &token);
+    fake.seed_demo(&client_id, &client_secret, &token, &user);
 
     println!("fake GitHub listening on {}", fake.url());
     println!("  client_id:     {client_id}");
     println!("  client_secret: {client_secret}");
-    println!("  token:         {token} (user {user})");
+    println!("  token:         {token} (user {user}; for check)");
+    for (operation, op_token, op_user) in fake_github::DEMO_OPERATION_TOKENS {
+        println!(
+            "  {:<14} {op_token} (user {op_user}; for {operation})",
+            "token:"
+        );
+    }
     println!(
         "  try: curl -u '{client_id}:{client_secret}' -H 'Content-Type: application/json' \
          -d '{{\"access_token\":\"{token}\"}}' {}/applications/{client_id}/token",

@@ -348,3 +348,57 @@ async fn tls_with_alpn_h2_and_http11() {
         assert_eq!(fake.requests().pop().expect("recorded").version, version);
     }
 }
+
+/// What examples/fake-github.rs seeds: each legacy operation that uses its token up has a token
+/// (and a user) of its own, so trying reset, revoke_token and revoke_grant by hand, in any order,
+/// leaves the token to check, and every other, valid: no restart between operations.
+#[tokio::test]
+async fn demo_seed_gives_each_operation_a_token_of_its_own() {
+    use fake_github::DEMO_OPERATION_TOKENS;
+    let fake = FakeGithub::start().await;
+    let check = "gho_demo00000000000000000000000000000000";
+    fake.seed_demo(CID, SECRET, check, "octocat");
+    let tokens: Vec<&str> = DEMO_OPERATION_TOKENS.iter().map(|(_, t, _)| *t).collect();
+    let mut users: Vec<&str> = DEMO_OPERATION_TOKENS.iter().map(|(_, _, u)| *u).collect();
+    users.push("octocat");
+    users.sort_unstable();
+    users.dedup();
+    assert_eq!(
+        users.len(),
+        DEMO_OPERATION_TOKENS.len() + 1,
+        "a user per token"
+    );
+    for t in tokens.iter().chain([&check]) {
+        assert_eq!(t.len(), 40, "{t}");
+        assert!(t.starts_with("gho_"), "{t}");
+        assert!(fake.token_is_valid(CID, t), "{t} seeded");
+    }
+
+    let path = format!("/applications/{CID}/token");
+    for (i, (operation, token, _)) in DEMO_OPERATION_TOKENS.into_iter().enumerate() {
+        let (method, path, status) = match operation {
+            "reset" => (Method::PATCH, path.clone(), StatusCode::OK),
+            "revoke_token" => (Method::DELETE, path.clone(), StatusCode::NO_CONTENT),
+            "revoke_grant" => (
+                Method::DELETE,
+                format!("/applications/{CID}/grant"),
+                StatusCode::NO_CONTENT,
+            ),
+            other => panic!("no replacement call known for {other}"),
+        };
+        let r = oauth(&fake, method, &path, token).await;
+        assert_eq!(r.status, status, "{operation}");
+        assert!(!fake.token_is_valid(CID, token), "{operation} used it up");
+        for later in &tokens[i + 1..] {
+            assert!(fake.token_is_valid(CID, later), "{operation} took {later}");
+        }
+        let r = oauth(
+            &fake,
+            Method::POST,
+            &format!("/applications/{CID}/token"),
+            check,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "check token after {operation}");
+    }
+}

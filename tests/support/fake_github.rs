@@ -38,6 +38,28 @@ const STALL: Duration = Duration::from_secs(3600);
 
 type RespBody = BoxBody<Bytes, Infallible>;
 
+/// The example binary's tokens besides its `--token` (the one to check): `(operation, token,
+/// user)`. Each operation here replaces or removes its token, and revoking a grant removes every
+/// token of its user, so each token has a user of its own and none touches another. 40
+/// characters, like GitHub's.
+pub const DEMO_OPERATION_TOKENS: [(&str, &str, &str); 3] = [
+    (
+        "reset",
+        "gho_reset0000000000000000000000000000000",
+        "octocat-reset",
+    ),
+    (
+        "revoke_token",
+        "gho_revoke000000000000000000000000000000",
+        "octocat-revoke",
+    ),
+    (
+        "revoke_grant",
+        "gho_grant0000000000000000000000000000000",
+        "octocat-grant",
+    ),
+];
+
 /// One request as the fake received it, body fully read.
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
@@ -119,6 +141,17 @@ impl FakeGithub {
     /// Seed a token with a fixed value (the example binary uses this for its demo token).
     pub fn add_token(&self, client_id: &str, user: &str, token: &str) {
         self.lock().issue(client_id, user, Some(token));
+    }
+
+    /// Seeds what `examples/fake-github.rs` serves: the app, `token` for `user` (the one to
+    /// check), and one more token per legacy operation that uses its token up
+    /// ([`DEMO_OPERATION_TOKENS`]), so each can be tried once by hand without a restart.
+    pub fn seed_demo(&self, client_id: &str, client_secret: &str, token: &str, user: &str) {
+        self.add_app(client_id, client_secret);
+        self.add_token(client_id, user, token);
+        for (_, op_token, op_user) in DEMO_OPERATION_TOKENS {
+            self.add_token(client_id, op_user, op_token);
+        }
     }
 
     pub fn token_is_valid(&self, client_id: &str, token: &str) -> bool {
