@@ -3,8 +3,8 @@
 //! key the loader accepts is documented, and every default shown as a value is the loader's and
 //! config.toml's. Every `oauth_apps_gateway_` metric name in README.md, docs/ and deploy/ against
 //! a real scrape after traffic of every kind, and every scraped family against the metrics
-//! reference. Every relative link and `#anchor` in README.md, SECURITY.md, docs/ and the other
-//! READMEs outside deploy/, by GitHub's anchor rules. README's first screen.
+//! reference. Every relative link and `#anchor` in README.md, SECURITY.md, docs/ and the
+//! other READMEs (deploy/ included), by GitHub's anchor rules. README's first screen.
 
 mod support;
 
@@ -199,7 +199,14 @@ fn every_relative_link_and_anchor_resolves() {
     let mut broken = Vec::new();
     let mut checked = 0;
     let mut files = markdown_files();
-    files.extend(["bench/README.md", "tests/legacy-client/README.md"].map(String::from));
+    files.extend(
+        [
+            "bench/README.md",
+            "tests/legacy-client/README.md",
+            "deploy/README.md",
+        ]
+        .map(String::from),
+    );
     for file in files {
         let text = read(&file);
         let dir = Path::new(&file).parent().unwrap_or(Path::new(""));
