@@ -117,6 +117,17 @@ done
 timeout 120 "$PYTHON" deploy/kubernetes/schemas/validate_custom_resources.py 1.37.0 "$rendered" \
   || fail "custom resources against deploy/kubernetes/schemas"
 "$PYTHON" deploy/kubernetes/check_policy.py "$rendered" || fail "deploy/kubernetes/check_policy.py"
+# The Redis for [shared] (deploy/kubernetes/redis): Kubernetes' own kinds only.
+rendered_redis="$tmp/kubernetes-redis.yaml"
+timeout 60 "$KUBECTL" kustomize deploy/kubernetes/redis >"$rendered_redis" \
+  || fail "kubectl kustomize deploy/kubernetes/redis"
+grep -E '^kind:' "$rendered_redis" | sort | uniq -c
+for k8s in 1.30.0 1.37.0; do
+  timeout 120 kubernetes-validate --strict --kubernetes-version "$k8s" "$rendered_redis" \
+    || fail "kubernetes-validate --strict -k $k8s (redis)"
+done
+grep -q 'redis_url = "redis://oauth-apps-gateway-redis:6379/0"' deploy/kubernetes/config.toml \
+  || fail "deploy/kubernetes/config.toml does not point shared.redis_url at deploy/kubernetes/redis's Service"
 # The ConfigMap's config.toml, with a throwaway certificate where the Secret is mounted.
 mkdir -p "$tmp/tls"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \

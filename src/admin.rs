@@ -16,6 +16,7 @@ use http_body_util::Full;
 
 use crate::metrics::{Metrics, TEXT_CONTENT_TYPE};
 use crate::reload::Reloader;
+use crate::shared::Store;
 
 /// Whether the gateway takes new traffic: true while serving, false once draining starts.
 #[derive(Debug, Clone)]
@@ -50,6 +51,7 @@ pub struct Admin {
     metrics: Arc<Metrics>,
     readiness: Readiness,
     reloader: Option<Arc<Reloader>>,
+    shared: Option<Arc<Store>>,
 }
 
 impl Admin {
@@ -59,7 +61,16 @@ impl Admin {
             metrics,
             readiness,
             reloader: None,
+            shared: None,
         }
+    }
+
+    /// The same endpoints, with `/legacy-clients` showing the fleet's report from `store`
+    /// (`[shared]`); while the store is unavailable, this replica's, which says so
+    /// (`"scope": "replica"`).
+    pub fn with_shared_store(mut self, store: Option<Arc<Store>>) -> Self {
+        self.shared = store;
+        self
     }
 
     /// The same endpoints, with `POST /reload` reloading through `reloader` (without one,
@@ -74,6 +85,19 @@ impl Admin {
     /// what needs a restart, or 422 with why the file was refused (the running configuration
     /// stays); everything else as [`Admin::handle`].
     pub async fn serve<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        if let Some(store) = &self.shared
+            && req.uri().path() == "/legacy-clients"
+            && (req.method() == Method::GET || req.method() == Method::HEAD)
+        {
+            let text = wants_text(req.uri().query());
+            if let Some(body) = self.metrics.fleet_report(store, text).await {
+                let ct = match text {
+                    true => "text/plain; charset=utf-8",
+                    false => "application/json",
+                };
+                return with_type(StatusCode::OK, body.into(), ct);
+            }
+        }
         if req.uri().path() != "/reload" {
             return self.handle(&req);
         }
@@ -274,6 +298,7 @@ mod tests {
             metrics: metrics.clone(),
             clock: crate::limiter::LimiterClock::manual(),
             limiter: None,
+            shared: None,
             tls: None,
         };
         let reloader = Arc::new(Reloader::new(path, config, parts));

@@ -15,18 +15,23 @@ use tokio::sync::watch;
 
 use crate::admin::{Admin, Readiness};
 use crate::config::{Config, ServerConfig};
-use crate::limiter::{FailedChecks, LimiterClock, NoRandomness, sha256};
+use crate::limiter::{FailedChecks, LimiterClock, NoRandomness, SharedQuotas, sha256};
 use crate::logging::LogLevel;
 use crate::metrics::{Metrics, MetricsError, Registry};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::reload::{self, Reloader};
 use crate::server::{self, DrainOutcome, ServeOptions};
+use crate::shared::Store;
 use crate::tls::{self, Certificates, TlsError};
 use crate::upstream::{self, Upstream, UpstreamBuildError};
 use crate::workers::{self, Workers};
 
 /// How often the failed-check limiter drops recovered keys and reports its size, in seconds.
 const LIMITER_HOUSEKEEPING: Duration = Duration::from_secs(10);
+
+/// How long the start waits for the first contact with the shared store (`[shared]`), in
+/// seconds; without it the gateway starts in the store's fallback and keeps trying.
+const FIRST_CONTACT: Duration = Duration::from_secs(2);
 
 /// How long the admin listener waits for its own requests (a scrape) once the proxy has
 /// drained, in seconds.
@@ -51,6 +56,9 @@ pub enum AppError {
     /// The proxy listener's TLS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// `[shared]` names a Redis the gateway cannot use (a bad URL, password or CA file).
+    #[error(transparent)]
+    Shared(#[from] crate::shared::StoreError),
     /// The worker threads could not be started.
     #[error("cannot start the worker threads (`server.worker_threads`): {0}")]
     Workers(#[source] io::Error),
@@ -105,6 +113,9 @@ pub fn check(config: &Config) -> Result<(), AppError> {
         tls::load(files)?;
     }
     Metrics::new(Registry::new(), config.metrics.max_client_ids)?;
+    if let Some(shared) = &config.shared {
+        crate::shared::check(shared)?;
+    }
     Ok(())
 }
 
@@ -219,11 +230,46 @@ pub async fn run_with(
         config.metrics.max_client_ids,
     )?);
     let readiness = Readiness::new();
+    // `[shared]`: one Redis connection for the life of the process; the first contact is
+    // waited for (bounded), so a reachable store is shared from the first request.
+    let shared = match &config.shared {
+        Some(cfg) => {
+            let store = Arc::new(Store::new(cfg, metrics.shared_store())?);
+            let quotas = SharedQuotas::new(store, config.failed_checks.max_tracked_keys);
+            if tokio::time::timeout(FIRST_CONTACT, quotas.maintain(true))
+                .await
+                .is_err()
+                || !quotas.store().is_up()
+            {
+                tracing::warn!(
+                    redis = %cfg.redis_url.redacted(),
+                    "Redis does not answer at start: going on without it (shared.on_redis_error = {:?}) until it does",
+                    cfg.on_redis_error.as_str()
+                );
+            }
+            Some(quotas)
+        }
+        None => None,
+    };
+    let _shared_upkeep = shared.clone().map(|quotas| {
+        let metrics = metrics.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let store = quotas.store().clone();
+            let flush = async {
+                let mut tick = tokio::time::interval(crate::metrics::FLUSH_EVERY);
+                loop {
+                    tick.tick().await;
+                    let _ = metrics.flush_report(&store).await;
+                }
+            };
+            tokio::join!(quotas.maintain(false), flush);
+        }))
+    });
     let limiter = match config.failed_checks.enabled {
-        true => Some(Arc::new(FailedChecks::new(
-            &config.failed_checks,
-            clock.clone(),
-        )?)),
+        true => Some(Arc::new(
+            FailedChecks::new(&config.failed_checks, clock.clone())?
+                .with_shared_opt(shared.clone()),
+        )),
         false => None,
     };
     let mut upstreams = upstreams.into_iter();
@@ -282,6 +328,7 @@ pub async fn run_with(
                 metrics: metrics.clone(),
                 clock: clock.clone(),
                 limiter,
+                shared: shared.clone(),
                 tls: tls.clone(),
             },
         ))
@@ -293,7 +340,9 @@ pub async fn run_with(
 
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let admin_addr = addr(&listeners.admin);
-    let admin = Admin::new(metrics.clone(), readiness.clone()).with_reloader(reloader.clone());
+    let admin = Admin::new(metrics.clone(), readiness.clone())
+        .with_reloader(reloader.clone())
+        .with_shared_store(shared.as_ref().map(|q| q.store().clone()));
     let admin_opts = ServeOptions::internal(config.server.header_read_timeout, ADMIN_GRACE);
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_make_service = move |peer: SocketAddr, _worker: usize| {

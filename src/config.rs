@@ -35,6 +35,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[failed_checks]`: the limiter of failed token checks.
     pub failed_checks: FailedChecksConfig,
+    /// `[shared]`: state shared by replicas in Redis; `None` (no `shared.redis_url`) keeps
+    /// every replica's state its own.
+    pub shared: Option<SharedConfig>,
     /// `[log]`: tracing output.
     pub log: LogConfig,
 }
@@ -338,6 +341,70 @@ impl FailedChecksMode {
     }
 }
 
+/// `[shared]`: the failed-check quotas and the legacy-caller report kept in one Redis for every
+/// replica, so N replicas allow one quota, not N, and `/legacy-clients` on any of them shows the
+/// whole fleet. Present only when `shared.redis_url` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedConfig {
+    /// `shared.redis_url`: `redis://` or `rediss://` (TLS), host, port and database, e.g.
+    /// `redis://127.0.0.1:6379/0`; may carry a user and password (never logged).
+    pub redis_url: RedisUrl,
+    /// `shared.redis_password_file`: a file whose first line is the Redis password (it wins over
+    /// a password in the URL); relative to the config file.
+    pub redis_password_file: Option<PathBuf>,
+    /// `shared.redis_ca_file`: a PEM bundle trusted for `rediss://` instead of the Mozilla roots
+    /// compiled in; relative to the config file.
+    pub redis_ca_file: Option<PathBuf>,
+    /// `shared.key_prefix`: the start of every Redis key the gateway writes.
+    pub key_prefix: String,
+    /// `shared.timeout`: the longest one Redis call may take before the gateway goes on without
+    /// it (see `on_redis_error`).
+    pub timeout: Duration,
+    /// `shared.on_redis_error`: what the gate does while Redis is slow or down.
+    pub on_redis_error: OnRedisError,
+}
+
+/// A Redis URL whose `Debug` never shows a password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL as written, password included: for the Redis client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL without its user and password, for logs.
+    pub fn redacted(&self) -> String {
+        error::without_userinfo(&self.0)
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// What the failed-check gate does while Redis is slow or down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisError {
+    /// Each replica limits on its own, as without `[shared]`, until Redis answers again.
+    Local,
+    /// Calls are forwarded without failed-check limiting until Redis answers again.
+    Allow,
+}
+
+impl OnRedisError {
+    /// The value as written in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local",
+            OnRedisError::Allow => "allow",
+        }
+    }
+}
+
 /// `[log]`: tracing output.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -385,7 +452,11 @@ impl Config {
             Some(t) => (Some(&mut t.cert), Some(&mut t.key)),
             None => (None, None),
         };
-        let files = [self.upstream.ca_file.as_mut(), cert, key];
+        let (password, ca) = match self.shared.as_mut() {
+            Some(s) => (s.redis_password_file.as_mut(), s.redis_ca_file.as_mut()),
+            None => (None, None),
+        };
+        let files = [self.upstream.ca_file.as_mut(), cert, key, password, ca];
         for file in files.into_iter().flatten() {
             if file.is_relative() {
                 *file = dir.join(&*file);
@@ -675,6 +746,7 @@ impl Config {
                 .map(|(i, v)| parse_cidr(&format!("failed_checks.trusted_proxies[{i}]"), v))
                 .collect::<Result<_, _>>()?,
         };
+        let shared = parse_shared(&raw.shared)?;
         let log = LogConfig {
             format: match raw.log.format.as_str() {
                 "json" => LogFormat::Json,
@@ -696,6 +768,7 @@ impl Config {
             admin,
             metrics,
             failed_checks,
+            shared,
             log,
         })
     }
@@ -1040,6 +1113,78 @@ fn parse_upstream_url(value: &str) -> Result<Uri, ConfigError> {
     Ok(uri)
 }
 
+/// `[shared]`: `None` without `shared.redis_url`.
+fn parse_shared(raw: &raw::RawShared) -> Result<Option<SharedConfig>, ConfigError> {
+    const URL_EXPECTED: &str = "a redis:// or rediss:// URL with a host, such as \"redis://127.0.0.1:6379/0\", or the key left out (each replica keeps its own state)";
+    let Some(url) = raw.redis_url.as_deref() else {
+        return Ok(None);
+    };
+    let uri: Result<Uri, _> = url.parse();
+    let valid = uri.as_ref().is_ok_and(|u| {
+        matches!(u.scheme_str(), Some("redis" | "rediss"))
+            && u.host().is_some_and(|h| !h.is_empty())
+            && u.query().is_none()
+    });
+    if !valid {
+        return Err(invalid("shared.redis_url", quoted(url), URL_EXPECTED));
+    }
+    let file = |key: &'static str, v: &Option<String>| match v {
+        Some(f) if f.is_empty() => Err(invalid(
+            key,
+            quoted(f),
+            "a path to a file, or the key left out",
+        )),
+        f => Ok(f.as_ref().map(PathBuf::from)),
+    };
+    let redis_ca_file = file("shared.redis_ca_file", &raw.redis_ca_file)?;
+    if redis_ca_file.is_some() && !url.starts_with("rediss://") {
+        return Err(invalid(
+            "shared.redis_ca_file",
+            quoted(raw.redis_ca_file.as_deref().unwrap_or_default()),
+            "left out unless shared.redis_url is a rediss:// (TLS) URL",
+        ));
+    }
+    let prefix_ok = !raw.key_prefix.is_empty()
+        && raw.key_prefix.len() <= 64
+        && raw
+            .key_prefix
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
+    if !prefix_ok {
+        return Err(invalid(
+            "shared.key_prefix",
+            quoted(&raw.key_prefix),
+            "1 to 64 printable ASCII characters without spaces or braces, such as \"oauth-apps-gateway:\"",
+        ));
+    }
+    let timeout = parse_duration("shared.timeout", &raw.timeout, false)?;
+    if timeout > Duration::from_secs(1) {
+        return Err(invalid(
+            "shared.timeout",
+            quoted(&raw.timeout),
+            "at most \"1s\": every gated call may wait this long for Redis (a few milliseconds is usual)",
+        ));
+    }
+    Ok(Some(SharedConfig {
+        redis_url: RedisUrl(url.to_owned()),
+        redis_password_file: file("shared.redis_password_file", &raw.redis_password_file)?,
+        redis_ca_file,
+        key_prefix: raw.key_prefix.clone(),
+        timeout,
+        on_redis_error: match raw.on_redis_error.as_str() {
+            "local" => OnRedisError::Local,
+            "allow" => OnRedisError::Allow,
+            other => {
+                return Err(invalid(
+                    "shared.on_redis_error",
+                    quoted(other),
+                    "\"local\" (each replica limits on its own while Redis is unreachable) or \"allow\" (no limiting while it is)",
+                ));
+            }
+        },
+    }))
+}
+
 fn parse_media_type(key: &'static str, value: &str) -> Result<Option<HeaderValue>, ConfigError> {
     if value.is_empty() {
         return Ok(None);
@@ -1065,12 +1210,11 @@ mod tests {
             "[upstream]\nurl = \"https://octo:ghp_s3cr3tT0ken@ghe.example/api\"\n",
             "[migration]\ndeprecation_link = \"ftp://octo:ghp_s3cr3tT0ken@ghe.example/\"\n",
             "[server]\nmax_connections = \"https://octo:ghp_s3cr3tT0ken@ghe.example\"\n",
+            "[shared]\nredis_url = \"http://octo:ghp_s3cr3tT0ken@ghe.example/0\"\n",
+            "[shared]\nredis_url = \"http://octo:ghp_s3cr3t/T0ken@ghe.example/0\"\n",
         ] {
             let e = Config::from_toml_str(text).unwrap_err().to_string();
-            assert!(
-                !e.contains("ghp_s3cr3tT0ken") && !e.contains("octo:"),
-                "{e}"
-            );
+            assert!(!e.contains("T0ken") && !e.contains("octo:"), "{e}");
             assert!(e.contains("://***@ghe.example"), "{e}");
         }
     }
@@ -1966,6 +2110,80 @@ mod tests {
     fn syntax_errors_have_line_and_column() {
         let msg = err("[server]\nlisten = \"127.0.0.1:1\n");
         assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn shared_is_off_by_default_and_every_bad_value_names_its_key() {
+        assert_eq!(Config::default().shared, None);
+        let c = Config::from_toml_str(
+            "[shared]\nredis_url = \"rediss://:pw@redis.internal:6380/2\"\nredis_ca_file = \"ca.pem\"\n",
+        )
+        .unwrap();
+        let s = c.shared.unwrap();
+        assert_eq!(s.redis_url.expose(), "rediss://:pw@redis.internal:6380/2");
+        assert_eq!(
+            format!("{:?}", s.redis_url),
+            "rediss://***@redis.internal:6380/2"
+        );
+        assert_eq!(s.timeout, Duration::from_millis(10));
+        assert_eq!(s.on_redis_error, OnRedisError::Local);
+        assert_eq!(s.key_prefix, "oauth-apps-gateway:");
+        for (text, key, value) in [
+            (
+                "redis_url = \"http://127.0.0.1:6379\"",
+                "shared.redis_url",
+                "\"http://127.0.0.1:6379\"",
+            ),
+            (
+                "redis_url = \"redis://\"",
+                "shared.redis_url",
+                "\"redis://\"",
+            ),
+            (
+                "redis_url = \"redis://h:1\"\nredis_ca_file = \"ca.pem\"",
+                "shared.redis_ca_file",
+                "\"ca.pem\"",
+            ),
+            (
+                "redis_url = \"redis://h:1\"\nkey_prefix = \"{gw}\"",
+                "shared.key_prefix",
+                "\"{gw}\"",
+            ),
+            (
+                "redis_url = \"redis://h:1\"\nkey_prefix = \"\"",
+                "shared.key_prefix",
+                "\"\"",
+            ),
+            (
+                "redis_url = \"redis://h:1\"\ntimeout = \"2s\"",
+                "shared.timeout",
+                "\"2s\"",
+            ),
+            (
+                "redis_url = \"redis://h:1\"\ntimeout = \"0s\"",
+                "shared.timeout",
+                "\"0s\"",
+            ),
+            (
+                "redis_url = \"redis://h:1\"\non_redis_error = \"deny\"",
+                "shared.on_redis_error",
+                "\"deny\"",
+            ),
+            (
+                "redis_url = \"redis://h:1\"\nredis_password_file = \"\"",
+                "shared.redis_password_file",
+                "\"\"",
+            ),
+        ] {
+            let e = Config::from_toml_str(&format!("[shared]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains(value),
+                "{text}: {e}"
+            );
+            assert!(e.contains("line 2") || e.contains("line 3"), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub mod reload;
 pub mod report;
 pub mod rewrite;
 pub mod server;
+pub mod shared;
 pub mod tls;
 pub mod upstream;
 pub mod workers;

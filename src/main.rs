@@ -88,7 +88,7 @@ fn main() -> ExitCode {
             match e {
                 // A file the config names (upstream.ca_file, the TLS files): say which config
                 // named it.
-                app::AppError::Upstream(_) | app::AppError::Tls(_) => {
+                app::AppError::Upstream(_) | app::AppError::Tls(_) | app::AppError::Shared(_) => {
                     eprintln!("error: {}: {e}", cli.config.display())
                 }
                 _ => eprintln!("error: {e}"),
@@ -96,6 +96,7 @@ fn main() -> ExitCode {
             match e {
                 app::AppError::Upstream(_)
                 | app::AppError::Tls(_)
+                | app::AppError::Shared(_)
                 | app::AppError::Metrics(_)
                 | app::AppError::Limiter(_) => ExitCode::from(2),
                 app::AppError::Bind { .. } | app::AppError::Workers(_) => ExitCode::FAILURE,

@@ -25,6 +25,10 @@ use crate::limiter::{FailureClass, KeyKind, QUOTAS, Tracked};
 use crate::server::Refusal;
 use crate::upstream::FailureKind;
 
+mod fleet;
+
+pub use fleet::{FLUSH_EVERY, KEEP as FLEET_REPORT_KEEP};
+
 /// Every application metric name starts with this.
 pub const PREFIX: &str = "oauth_apps_gateway_";
 
@@ -195,6 +199,71 @@ pub struct Metrics {
     interrupted: [[IntCounter; 2]; 3],
     clients: LegacyClients,
     config: ConfigMetrics,
+    shared: SharedStoreMetrics,
+    /// One flush of the report to the shared store at a time.
+    flush: tokio::sync::Mutex<()>,
+}
+
+/// The metrics of the shared store (`[shared]`, src/shared/): registered whether or not a store
+/// is configured, so dashboards and alerts see zeros rather than nothing.
+#[derive(Clone)]
+pub struct SharedStoreMetrics {
+    degraded: IntGauge,
+    calls: [[IntCounter; 2]; crate::shared::Call::ALL.len()],
+    durations: [prometheus::Histogram; crate::shared::Call::ALL.len()],
+}
+
+impl std::fmt::Debug for SharedStoreMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedStoreMetrics").finish_non_exhaustive()
+    }
+}
+
+/// Buckets of one Redis call, in seconds: 50 us to 1 s.
+const SHARED_STORE_BUCKETS: [f64; 12] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.25, 1.0,
+];
+
+impl SharedStoreMetrics {
+    fn new(r: &Registry) -> Result<Self, MetricsError> {
+        let degraded = register(
+            r,
+            IntGauge::new(
+                name("shared_store_degraded"),
+                "1 while the shared store ([shared] redis_url) does not answer and the gateway goes on without it (shared.on_redis_error), else 0 (also when no store is configured).",
+            )?,
+        )?;
+        let calls = counter_vec(
+            r,
+            "shared_store_calls_total",
+            "Calls to the shared store (Redis), by call (admit, settle, report_add, report_read, probe) and result (ok, or error: an error or no answer within the timeout).",
+            &["call", "result"],
+        )?;
+        let opts = HistogramOpts::new(
+            name("shared_store_call_duration_seconds"),
+            "Time one call to the shared store (Redis) took, answered or not, in seconds, by call.",
+        )
+        .buckets(SHARED_STORE_BUCKETS.to_vec());
+        let durations = register(r, HistogramVec::new(opts, &["call"])?)?;
+        use crate::shared::Call;
+        Ok(SharedStoreMetrics {
+            degraded,
+            calls: Call::ALL
+                .map(|c| ["ok", "error"].map(|res| calls.with_label_values(&[c.as_str(), res]))),
+            durations: Call::ALL.map(|c| durations.with_label_values(&[c.as_str()])),
+        })
+    }
+
+    /// One call to the store: how long it took and whether it was answered.
+    pub fn call(&self, call: crate::shared::Call, took: Duration, ok: bool) {
+        self.calls[call as usize][usize::from(!ok)].inc();
+        self.durations[call as usize].observe(took.as_secs_f64());
+    }
+
+    /// Whether the gateway is going on without the store.
+    pub fn degraded(&self, degraded: bool) {
+        self.degraded.set(i64::from(degraded));
+    }
 }
 
 /// What a configuration reload did (`reloads_total{result}`), and the configuration in force.
@@ -515,6 +584,8 @@ impl Metrics {
             }),
             clients: LegacyClients::new(by_client, max_client_ids),
             config: ConfigMetrics::new(r)?,
+            shared: SharedStoreMetrics::new(r)?,
+            flush: tokio::sync::Mutex::new(()),
             registry,
         })
     }
@@ -699,6 +770,11 @@ impl Metrics {
         Ok(out)
     }
 
+    /// The shared store's metrics, for [`crate::shared::Store::new`].
+    pub fn shared_store(&self) -> SharedStoreMetrics {
+        self.shared.clone()
+    }
+
     /// The client_ids seen making deprecated calls, as JSON for `/legacy-clients`.
     pub fn legacy_clients_json(&self) -> Vec<u8> {
         self.clients.report_json()
@@ -755,7 +831,10 @@ struct ClientEntry {
     agents: Vec<Box<str>>,
     first_seen: SystemTime,
     last_seen: SystemTime,
-    series: IntCounter,
+    /// This replica's series (`None` for an entry of the fleet's report).
+    series: Option<IntCounter>,
+    /// What of it the fleet's report has (`[shared]`; see `fleet`).
+    flushed: fleet::Flushed,
 }
 
 /// One deprecated call, as the report records it.
@@ -767,7 +846,7 @@ struct Seen<'a> {
 }
 
 impl ClientEntry {
-    fn new(series: IntCounter, now: SystemTime) -> Self {
+    fn new(series: Option<IntCounter>, now: SystemTime) -> Self {
         ClientEntry {
             calls: [0; LEGACY_OPERATIONS.len()],
             outcomes: [[0; CallOutcome::ALL.len()]; LEGACY_OPERATIONS.len()],
@@ -775,6 +854,7 @@ impl ClientEntry {
             first_seen: now,
             last_seen: now,
             series,
+            flushed: fleet::Flushed::default(),
         }
     }
 
@@ -782,7 +862,10 @@ impl ClientEntry {
         self.calls[seen.op_index] += 1;
         self.outcomes[seen.op_index][seen.outcome as usize] += 1;
         self.last_seen = self.last_seen.max(seen.now);
-        self.series.inc();
+        self.flushed.dirty = true;
+        if let Some(s) = &self.series {
+            s.inc();
+        }
         if let Some(ua) = seen.user_agent
             && self.agents.len() < MAX_AGENTS
         {
@@ -833,6 +916,7 @@ struct ClientReport<'a> {
 
 #[derive(Serialize)]
 struct Report<'a> {
+    scope: &'static str,
     max_client_ids: usize,
     clients: Vec<ClientReport<'a>>,
     other: Option<ClientReport<'a>>,
@@ -893,11 +977,11 @@ impl LegacyClients {
             let series = self.series.with_label_values(&[client_id]);
             t.by_id
                 .entry(client_id.into())
-                .or_insert_with(|| ClientEntry::new(series, now))
+                .or_insert_with(|| ClientEntry::new(Some(series), now))
         } else {
             let series = &self.series;
             t.other.get_or_insert_with(|| {
-                ClientEntry::new(series.with_label_values(&[OTHER_CLIENT_ID]), now)
+                ClientEntry::new(Some(series.with_label_values(&[OTHER_CLIENT_ID])), now)
             })
         };
         entry.record(seen);
@@ -905,65 +989,91 @@ impl LegacyClients {
 
     fn report_json(&self) -> Vec<u8> {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-
-        let mut clients: Vec<_> = t.by_id.iter().map(|(id, e)| client_report(id, e)).collect();
-        clients.sort_by(|a, b| b.total.cmp(&a.total).then(a.client_id.cmp(b.client_id)));
-        let report = Report {
-            max_client_ids: self.max.load(std::sync::atomic::Ordering::Relaxed),
-            clients,
-            other: t.other.as_ref().map(|e| client_report(OTHER_CLIENT_ID, e)),
-        };
-        serde_json::to_vec_pretty(&report).unwrap_or_default()
+        let entries = t.by_id.iter().map(|(id, e)| (&**id, e)).collect();
+        report_json(entries, t.other.as_ref(), self.max(), "replica")
     }
 
     fn report_text(&self) -> String {
         let t = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut entries: Vec<(&str, &ClientEntry)> =
-            t.by_id.iter().map(|(id, e)| (&**id, e)).collect();
-        entries.sort_by(|a, b| {
-            let total = |e: &ClientEntry| e.calls.iter().sum::<u64>();
-            total(b.1).cmp(&total(a.1)).then(a.0.cmp(b.0))
-        });
-        if let Some(other) = &t.other {
-            entries.push((OTHER_CLIENT_ID, other));
-        }
-        let mut header: Vec<String> = vec!["client_id".into(), "calls".into()];
-        header.extend(LEGACY_OPERATIONS.iter().map(|op| op.as_str().to_owned()));
-        header.extend(["last_seen".into(), "user_agent".into(), "advice".into()]);
-        let mut rows = vec![header];
-        for (id, e) in entries {
-            let mut row = vec![
-                crate::report::shown(id, MAX_CLIENT_ID_BYTES),
-                e.calls.iter().sum::<u64>().to_string(),
-            ];
-            row.extend(e.calls.iter().map(u64::to_string));
-            row.push(humantime::format_rfc3339_seconds(e.last_seen).to_string());
-            row.push(e.agents.first().map_or("-".into(), |a| a.to_string()));
-            let advice = e.advice();
-            row.push(match advice.first() {
-                Some(a) => a.advice.clone(),
-                None => "-".into(),
-            });
-            rows.push(row);
-        }
-        let columns = rows.first().map_or(0, Vec::len);
-        let widths: Vec<usize> = (0..columns)
-            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
-            .collect();
-        let mut out = String::new();
-        for row in &rows {
-            let last = row.len().saturating_sub(1);
-            for (c, cell) in row.iter().enumerate() {
-                out.push_str(cell);
-                if c < last {
-                    let pad = widths[c] - cell.chars().count() + 2;
-                    out.extend(std::iter::repeat_n(' ', pad));
-                }
-            }
-            out.push('\n');
-        }
-        out
+        let entries = t.by_id.iter().map(|(id, e)| (&**id, e)).collect();
+        report_text(entries, t.other.as_ref())
     }
+
+    fn max(&self) -> usize {
+        self.max.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The report as JSON: `scope` says whose calls it counts (`replica`: this one's since it
+/// started; `fleet`: every replica's, from the shared store).
+fn report_json<'a>(
+    entries: Vec<(&'a str, &'a ClientEntry)>,
+    other: Option<&'a ClientEntry>,
+    max_client_ids: usize,
+    scope: &'static str,
+) -> Vec<u8> {
+    let mut clients: Vec<_> = entries
+        .into_iter()
+        .map(|(id, e)| client_report(id, e))
+        .collect();
+    clients.sort_by(|a, b| b.total.cmp(&a.total).then(a.client_id.cmp(b.client_id)));
+    let report = Report {
+        scope,
+        max_client_ids,
+        clients,
+        other: other.map(|e| client_report(OTHER_CLIENT_ID, e)),
+    };
+    serde_json::to_vec_pretty(&report).unwrap_or_default()
+}
+
+/// The report as an aligned text table.
+fn report_text<'a>(
+    mut entries: Vec<(&'a str, &'a ClientEntry)>,
+    other: Option<&'a ClientEntry>,
+) -> String {
+    entries.sort_by(|a, b| {
+        let total = |e: &ClientEntry| e.calls.iter().sum::<u64>();
+        total(b.1).cmp(&total(a.1)).then(a.0.cmp(b.0))
+    });
+    if let Some(other) = other {
+        entries.push((OTHER_CLIENT_ID, other));
+    }
+    let mut header: Vec<String> = vec!["client_id".into(), "calls".into()];
+    header.extend(LEGACY_OPERATIONS.iter().map(|op| op.as_str().to_owned()));
+    header.extend(["last_seen".into(), "user_agent".into(), "advice".into()]);
+    let mut rows = vec![header];
+    for (id, e) in entries {
+        let mut row = vec![
+            crate::report::shown(id, MAX_CLIENT_ID_BYTES),
+            e.calls.iter().sum::<u64>().to_string(),
+        ];
+        row.extend(e.calls.iter().map(u64::to_string));
+        row.push(humantime::format_rfc3339_seconds(e.last_seen).to_string());
+        row.push(e.agents.first().map_or("-".into(), |a| a.to_string()));
+        let advice = e.advice();
+        row.push(match advice.first() {
+            Some(a) => a.advice.clone(),
+            None => "-".into(),
+        });
+        rows.push(row);
+    }
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let last = row.len().saturating_sub(1);
+        for (c, cell) in row.iter().enumerate() {
+            out.push_str(cell);
+            if c < last {
+                let pad = widths[c] - cell.chars().count() + 2;
+                out.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::app;
 use crate::config::{Config, ConfigError};
-use crate::limiter::{FailedChecks, LimiterClock, NoRandomness, sha256};
+use crate::limiter::{FailedChecks, LimiterClock, NoRandomness, SharedQuotas, sha256};
 use crate::logging::LogLevel;
 use crate::metrics::{Metrics, ReloadResult};
 use crate::proxy::{Proxy, ProxySettings};
@@ -85,6 +85,7 @@ pub struct Reloader {
     log_level: Option<LogLevel>,
     metrics: Arc<Metrics>,
     clock: LimiterClock,
+    shared: Option<SharedQuotas>,
     tls: Option<Arc<Certificates>>,
 }
 
@@ -110,6 +111,8 @@ pub struct Parts {
     pub clock: LimiterClock,
     /// The limiter in force (`None` when disabled).
     pub limiter: Option<Arc<FailedChecks>>,
+    /// The quotas in the shared store (`[shared]`), for a limiter a reload turns on.
+    pub shared: Option<SharedQuotas>,
     /// The proxy listener's certificate (`None` without TLS).
     pub tls: Option<Arc<Certificates>>,
 }
@@ -129,6 +132,7 @@ impl Reloader {
             log_level: parts.log_level,
             metrics: parts.metrics,
             clock: parts.clock,
+            shared: parts.shared,
             tls: parts.tls,
         }
     }
@@ -223,7 +227,9 @@ impl Reloader {
         let fc = &config.failed_checks;
         let limiter = match (&applied.limiter, fc.enabled) {
             (Some(old), _) => Some(Arc::new(old.reconfigured(fc))),
-            (None, true) => Some(Arc::new(FailedChecks::new(fc, self.clock.clone())?)),
+            (None, true) => Some(Arc::new(
+                FailedChecks::new(fc, self.clock.clone())?.with_shared_opt(self.shared.clone()),
+            )),
             (None, false) => None,
         };
         let in_force = limiter.clone().filter(|_| fc.enabled);
@@ -272,7 +278,7 @@ impl Reloader {
         let report = ReloadReport {
             changed: changed_sections(&applied.config, &config),
             needs_restart,
-            sha256: hex(&digest),
+            sha256: crate::limiter::hex(&digest),
         };
         *applied = Applied {
             config,
@@ -296,11 +302,6 @@ pub fn digest_number(digest: &[u8; 32]) -> u64 {
         .fold(0u64, |n, b| (n << 8) | u64::from(*b))
 }
 
-/// A digest as lowercase hex.
-pub fn hex(digest: &[u8; 32]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The sections of `new` that differ from `old`.
 fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     // Config is plain data with no secret in it; its Debug form compares every field.
@@ -318,6 +319,7 @@ fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
         ("admin", &old.admin, &new.admin),
         ("metrics", &old.metrics, &new.metrics),
         ("failed_checks", &old.failed_checks, &new.failed_checks),
+        ("shared", &old.shared, &new.shared),
         ("log", &old.log, &new.log),
     ] {
         if differs(a, b) {
@@ -344,6 +346,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.server.tls.is_some() != new.server.tls.is_some() {
         out.push("server.tls_cert_file");
+    }
+    // One Redis connection and its fallback state for the life of the process.
+    if old.shared != new.shared {
+        out.push("shared");
     }
     out
 }

@@ -92,10 +92,10 @@ pub(super) fn without_userinfo(text: &str) -> String {
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
-        let authority_end = tail
-            .find(['/', '?', '#', '"', '\'', ' ', '`'])
-            .unwrap_or(tail.len());
-        match tail[..authority_end].rfind('@') {
+        // To the end of the URL, not of its authority: a password may hold an unescaped `/`,
+        // `?` or `#` (an `@` later in a path only redacts more).
+        let url_end = tail.find(['"', '\'', ' ', '`', '\n']).unwrap_or(tail.len());
+        match tail[..url_end].rfind('@') {
             Some(at) => {
                 out.push_str("***");
                 rest = &tail[at..];

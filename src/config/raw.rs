@@ -15,6 +15,7 @@ pub struct RawConfig {
     pub admin: RawAdmin,
     pub metrics: RawMetrics,
     pub failed_checks: RawFailedChecks,
+    pub shared: RawShared,
     pub log: RawLog,
 }
 
@@ -220,6 +221,31 @@ impl Default for RawFailedChecks {
             trusted_proxies: Vec::new(),
             client_id_burst: None,
             client_id_replenish: None,
+        }
+    }
+}
+
+/// `[shared]`: state shared by replicas in Redis.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawShared {
+    pub redis_url: Option<String>,
+    pub redis_password_file: Option<String>,
+    pub redis_ca_file: Option<String>,
+    pub key_prefix: String,
+    pub timeout: String,
+    pub on_redis_error: String,
+}
+
+impl Default for RawShared {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_password_file: None,
+            redis_ca_file: None,
+            key_prefix: "oauth-apps-gateway:".into(),
+            timeout: "10ms".into(),
+            on_redis_error: "local".into(),
         }
     }
 }

@@ -30,6 +30,17 @@ pub struct CredentialKey {
 }
 
 impl CredentialKey {
+    /// The tag in lowercase hex, for a key name in a shared store. The tag is a keyed hash:
+    /// it names the credential without revealing it.
+    pub fn hex(&self) -> String {
+        hex(&self.tag)
+    }
+
+    /// The tag itself.
+    pub fn tag(&self) -> [u8; CREDENTIAL_KEY_BYTES] {
+        self.tag
+    }
+
     /// Whether the request presented Basic credentials (rather than the client_id alone): only
     /// those can be verified by the upstream's acceptance.
     pub fn is_basic(&self) -> bool {
@@ -81,6 +92,38 @@ impl CredentialHasher {
         Ok(CredentialHasher { key })
     }
 
+    /// A hasher with `key` as its HMAC-SHA256 key: every replica that shares a store keys the
+    /// same credential alike (`[shared]`).
+    pub fn with_key(key: &[u8]) -> Self {
+        CredentialHasher {
+            key: hmac::Key::new(hmac::HMAC_SHA256, key),
+        }
+    }
+
+    /// 32 random bytes from the operating system, for [`CredentialHasher::with_key`].
+    ///
+    /// # Errors
+    /// [`NoRandomness`] when the operating system gives none.
+    pub fn random_key() -> Result<[u8; 32], NoRandomness> {
+        let mut key = [0u8; 32];
+        ring::rand::SecureRandom::fill(&SystemRandom::new(), &mut key).map_err(|_| NoRandomness)?;
+        Ok(key)
+    }
+
+    /// The keyed hash of a client address key ([`address_key`]), for a key name in a shared
+    /// store: an address is never written there in clear.
+    pub fn address_tag(&self, ip: IpAddr) -> [u8; CREDENTIAL_KEY_BYTES] {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(b"client_ip\0");
+        match ip {
+            IpAddr::V4(v4) => ctx.update(&v4.octets()),
+            IpAddr::V6(v6) => ctx.update(&v6.octets()),
+        }
+        let mut tag = [0u8; CREDENTIAL_KEY_BYTES];
+        tag.copy_from_slice(&ctx.sign().as_ref()[..CREDENTIAL_KEY_BYTES]);
+        tag
+    }
+
     /// The key of the app credential a request presents: its Basic `client_id:client_secret`
     /// (GitHub REST: OAuth Applications use Basic authentication with the app's client_id and
     /// client_secret), decoded, so one credential is one key however its base64 is spelled; or,
@@ -109,6 +152,17 @@ impl CredentialHasher {
             basic: basic.is_some(),
         }
     }
+}
+
+/// `bytes` in lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
 }
 
 /// Finds the client address of a request, believing `X-Forwarded-For` only from trusted proxies.

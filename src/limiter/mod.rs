@@ -16,6 +16,7 @@
 mod flight;
 mod gcra;
 mod keys;
+mod shared;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -31,11 +32,13 @@ use crate::config::{FailedChecksConfig, FailedChecksMode};
 
 pub use flight::IN_FLIGHT_ALLOWANCE;
 pub use gcra::{Charged, LimiterClock};
-pub use keys::{ClientAddress, CredentialKey, NoRandomness, address_key, sha256};
+pub use keys::{
+    ClientAddress, CredentialHasher, CredentialKey, NoRandomness, address_key, hex, sha256,
+};
+pub use shared::{BUSY_POLL, SharedKeys, SharedQuotas};
 
 use flight::{Flights, Reserve};
 use gcra::{Gcra, Peek};
-use keys::CredentialHasher;
 
 /// How long a credential stays verified after the upstream last accepted it, in seconds.
 const VERIFIED_FOR: Duration = Duration::from_secs(3600);
@@ -124,6 +127,8 @@ pub struct CallKeys {
     pub credential: CredentialKey,
     /// Its client address key.
     pub client_ip: IpAddr,
+    /// Both under the fleet's hashing key, with a shared store that has given it.
+    pub shared: Option<SharedKeys>,
 }
 
 /// What the gate decided.
@@ -203,6 +208,10 @@ pub struct FailedChecks {
     max_keys: usize,
     shadow: bool,
     clock: LimiterClock,
+    /// The quotas in a shared store (`[shared]`), if any.
+    shared: Option<SharedQuotas>,
+    /// Each quota's parameters for the store's scripts.
+    specs: [crate::shared::QuotaSpec; 3],
 }
 
 impl std::fmt::Debug for FailedChecks {
@@ -238,7 +247,17 @@ impl FailedChecks {
             max_keys: max,
             shadow: cfg.mode == FailedChecksMode::Shadow,
             clock,
+            shared: None,
+            specs: shared::specs(cfg),
         })
+    }
+
+    /// This limiter with its quotas kept in a shared store (`[shared]`): every replica using
+    /// the store shares them; while the store is unavailable, the quotas of this limiter apply
+    /// (`shared.on_redis_error = "local"`) or none (`"allow"`).
+    pub fn with_shared_opt(mut self, shared: Option<SharedQuotas>) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// This limiter under a reloaded `[failed_checks]`: the same hashing key, the same keys
@@ -257,6 +276,8 @@ impl FailedChecks {
             max_keys: max,
             shadow: cfg.mode == FailedChecksMode::Shadow,
             clock: self.clock.clone(),
+            shared: self.shared.clone(),
+            specs: shared::specs(cfg),
         }
     }
 
@@ -269,9 +290,14 @@ impl FailedChecks {
         client_id: &str,
         client: IpAddr,
     ) -> CallKeys {
+        let client_ip = address_key(client);
         CallKeys {
             credential: self.hasher.key(authorization, client_id),
-            client_ip: address_key(client),
+            client_ip,
+            shared: self
+                .shared
+                .as_ref()
+                .and_then(|s| s.keys(authorization, client_id, client_ip)),
         }
     }
 
@@ -298,6 +324,17 @@ impl FailedChecks {
         token_operation: bool,
         wait_until: Instant,
     ) -> Admission {
+        if let Some(shared) = &self.shared {
+            if let Some(admission) = self
+                .admit_shared(shared, keys, token_operation, wait_until)
+                .await
+            {
+                return admission;
+            }
+            if shared.store().on_error() == crate::config::OnRedisError::Allow {
+                return Admission::Pass(self.permit(keys, Slots::default(), false, true));
+            }
+        }
         let verified = self.is_verified(&keys.credential);
         let wanted = Slots {
             credential: !verified,
@@ -441,6 +478,7 @@ impl FailedChecks {
             slots,
             waited,
             inert,
+            shared: None,
         }
     }
 
@@ -545,6 +583,9 @@ impl FailedChecks {
             map.retain(|_, at| now.saturating_sub(at.load(Ordering::Relaxed)) < horizon);
             map.shrink_to_fit();
         }
+        if let Some(shared) = &self.shared {
+            shared.housekeep();
+        }
         self.by_credential.gcra.housekeep();
         self.by_client_ip.gcra.housekeep();
         self.token_by_credential.gcra.housekeep();
@@ -591,6 +632,8 @@ pub struct Permit {
     slots: Slots,
     waited: bool,
     inert: bool,
+    /// Its reservation in the shared store, when the store let it through.
+    shared: Option<shared::Hold>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -611,9 +654,20 @@ impl Permit {
     /// Records the request's outcome (charges a failure, verifies or unverifies the credential)
     /// and gives back its slots. A shadow-mode request that would have been refused changes
     /// nothing, as enforcement would never have forwarded it.
-    pub fn settle(self, settle: Settle) -> [Option<Charge>; 3] {
+    pub fn settle(mut self, settle: Settle) -> [Option<Charge>; 3] {
         if self.inert {
             return [None; 3];
+        }
+        if let Some(hold) = self.shared.take() {
+            let outcome = match settle {
+                Settle::Failure(FailureClass::Credential) => crate::shared::Outcome::Credential,
+                Settle::Failure(FailureClass::Token) => crate::shared::Outcome::Token,
+                Settle::Accepted => crate::shared::Outcome::Accepted,
+                Settle::Neutral => crate::shared::Outcome::Neutral,
+            };
+            return self
+                .limiter
+                .settle_shared(&self.keys, hold, outcome, Some(settle));
         }
         let [a, b] = self.limiter.settle(&self.keys, settle);
         [a, b, None]
@@ -622,9 +676,18 @@ impl Permit {
     /// Records a forwarded request whose answer will never be known (its client went away and
     /// it could not be seen through): a failure of each class it was held to, as the worst it
     /// could have been, so hanging up never buys an uncharged guess. Gives back its slots.
-    pub fn abandon(self) -> [Option<Charge>; 3] {
+    pub fn abandon(mut self) -> [Option<Charge>; 3] {
         if self.inert {
             return [None; 3];
+        }
+        if let Some(hold) = self.shared.take() {
+            let outcome = hold.abandoned();
+            let local = match outcome {
+                crate::shared::Outcome::Token => Some(Settle::Failure(FailureClass::Token)),
+                crate::shared::Outcome::Neutral => None,
+                _ => Some(Settle::Failure(FailureClass::Credential)),
+            };
+            return self.limiter.settle_shared(&self.keys, hold, outcome, local);
         }
         let held = |class| self.limiter.settle(&self.keys, Settle::Failure(class));
         let [a, b] = match self.slots.credential || self.slots.client_ip {
@@ -641,6 +704,10 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if let Some(hold) = self.shared.take() {
+            self.limiter
+                .settle_shared(&self.keys, hold, crate::shared::Outcome::Neutral, None);
+        }
         self.limiter.release(&self.keys, self.slots);
     }
 }

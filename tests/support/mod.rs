@@ -11,6 +11,7 @@ pub mod h2raw;
 pub mod legacy_client;
 pub mod logs;
 pub mod prometheus;
+pub mod redis;
 pub mod tls;
 pub mod tools;
 
