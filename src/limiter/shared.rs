@@ -28,6 +28,11 @@ use crate::shared::{self, Admitted, QuotaKeys, QuotaSpec, Store};
 /// left asks the store again, in milliseconds. The wait ends at `server.request_timeout`.
 pub const BUSY_POLL: Duration = Duration::from_millis(50);
 
+/// The quotas (in [`QUOTAS`] order) a spent key of is answered from the local cache: those keyed
+/// to the caller's own credential. An address quota is always asked: someone else may have spent
+/// it, and only the store knows whether the caller's credential is verified, which exempts it.
+const CACHED: [bool; 3] = [true, false, true];
+
 /// How often a replica checks, while the store answers, that it still has the fleet's hashing
 /// key (Redis may have restarted empty between two calls), in seconds.
 pub const KEY_CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -323,10 +328,12 @@ impl FailedChecks {
             return None;
         }
         let verified_here = self.is_verified(&keys.credential);
-        // Only quotas keyed to the caller's own credential answer from the cache: an address
-        // quota spent by someone else must not refuse an app the fleet has verified (only the
-        // store knows that), so it is asked.
-        let cached = [!verified_here, false, token_operation];
+        // The quotas the call is held to that the cache may answer ([`CACHED`]).
+        let cached = [
+            !verified_here && CACHED[0],
+            CACHED[1],
+            token_operation && CACHED[2],
+        ];
         if let Some(b) = shared.cache.blocked(&sk, cached) {
             return Some(self.refuse(keys, b, false));
         }
@@ -379,7 +386,10 @@ impl FailedChecks {
                     return Some(Admission::Pass(permit));
                 }
                 Admitted::Spent(quota, wait) => {
-                    if let Some(until) = Instant::now().checked_add(wait) {
+                    // Only what `blocked` reads: an address entry would only take room.
+                    if CACHED[quota]
+                        && let Some(until) = Instant::now().checked_add(wait)
+                    {
                         shared.cache.insert(quota, sk.of(quota), until);
                     }
                     return Some(self.refuse(
