@@ -449,28 +449,79 @@ async fn nothing_secret_is_written_to_redis() {
     }
 }
 
+/// The store itself (no gateway) on `redis`, answering.
+async fn store_on(redis: &RedisServer) -> Arc<oauth_apps_gateway::shared::Store> {
+    use oauth_apps_gateway::metrics::{Metrics, Registry};
+    let cfg = Config::from_toml_str(&shared(redis, "1s")).expect("config");
+    let metrics = Metrics::new(Registry::new(), 10).expect("metrics");
+    let store = oauth_apps_gateway::shared::Store::new(
+        cfg.shared.as_ref().unwrap(),
+        metrics.shared_store(),
+    )
+    .expect("store");
+    assert!(store.probe().await, "Redis answers");
+    Arc::new(store)
+}
+
+/// Charges one credential failure for each of `n` distinct callers through the store's own
+/// script, from `tasks` tasks at once (one multiplexed connection); caller `i`'s credential and
+/// address hashes are `keys(i)`, its quotas `period_us` and a burst of 10. Returns the charges
+/// Redis did not take (each followed by a probe that must find Redis answering).
+async fn charge_callers(
+    store: &Arc<oauth_apps_gateway::shared::Store>,
+    n: usize,
+    tasks: usize,
+    period_us: u64,
+    keys: fn(usize) -> (String, String),
+) -> usize {
+    use oauth_apps_gateway::shared::{Outcome, QuotaSpec};
+    let specs = [QuotaSpec {
+        period_us,
+        burst: 10,
+    }; 3];
+    let mut running = Vec::new();
+    for t in 0..tasks {
+        let store = store.clone();
+        running.push(tokio::spawn(async move {
+            let mut failed = 0usize;
+            for i in (t..n).step_by(tasks) {
+                let (credential, address) = keys(i);
+                let names = store.quota_keys(&credential, &address);
+                let charged = store
+                    .settle(
+                        &names,
+                        Outcome::Credential,
+                        true,
+                        &specs,
+                        "",
+                        Duration::from_secs(3600),
+                    )
+                    .await;
+                if charged.is_err() {
+                    failed += 1;
+                    assert!(store.probe().await, "Redis stopped answering");
+                }
+            }
+            failed
+        }));
+    }
+    let mut failed = 0;
+    for t in running {
+        failed += t.await.expect("charging task");
+    }
+    failed
+}
+
 /// A spray of 1,000,000 distinct failing keys through the store's own charge script: every key
 /// expires when its quota is whole again, so Redis ends near where it started, and peaks far
 /// below what a million kept keys take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server (Debian package redis-server; .ci/run installs it)"]
 async fn key_expiry_keeps_redis_memory_bounded_under_a_spray_of_a_million_keys() {
-    use oauth_apps_gateway::metrics::{Metrics, Registry};
-    use oauth_apps_gateway::shared::{Outcome, QuotaSpec, Store};
-
     const KEYS: usize = 1_000_000;
     let redis = RedisServer::start();
-    let cfg = Config::from_toml_str(&shared(&redis, "1s")).expect("config");
-    let metrics = Metrics::new(Registry::new(), 10).expect("metrics");
-    let store = Arc::new(Store::new(cfg.shared.as_ref().unwrap(), metrics.shared_store()).unwrap());
-    assert!(store.probe().await, "Redis answers");
+    let store = store_on(&redis).await;
     let baseline = redis.info("used_memory");
-    // Credential failures with a 200 ms replenish: each key is whole again (and gone) 200 ms
-    // after its one failure.
-    let specs = [QuotaSpec {
-        period_us: 200_000,
-        burst: 10,
-    }; 3];
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watcher = {
         let port = redis.port;
@@ -488,38 +539,12 @@ async fn key_expiry_keeps_redis_memory_bounded_under_a_spray_of_a_million_keys()
         })
     };
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    const TASKS: usize = 256;
-    for t in 0..TASKS {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut failed = 0usize;
-            for i in (t..KEYS).step_by(TASKS) {
-                let key = format!("{i:032x}");
-                let keys = store.quota_keys(&key, &key);
-                if store
-                    .settle(
-                        &keys,
-                        Outcome::Credential,
-                        false,
-                        &specs,
-                        "",
-                        Duration::from_secs(3600),
-                    )
-                    .await
-                    .is_err()
-                {
-                    failed += 1;
-                    assert!(store.probe().await, "Redis stopped answering");
-                }
-            }
-            failed
-        }));
-    }
-    let mut failed = 0;
-    for t in tasks {
-        failed += t.await.expect("spray task");
-    }
+    // Credential failures with a 200 ms replenish: each key is whole again (and gone) 200 ms
+    // after its one failure.
+    let failed = charge_callers(&store, KEYS, 256, 200_000, |i| {
+        (format!("{i:032x}"), format!("{i:032x}"))
+    })
+    .await;
     let took = started.elapsed();
     redis.cli(&["SET", "spray-done", "1", "EX", "60"]);
     watcher.join().expect("watcher");
@@ -547,45 +572,16 @@ async fn key_expiry_keeps_redis_memory_bounded_under_a_spray_of_a_million_keys()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs redis-server (Debian package redis-server; .ci/run installs it)"]
 async fn one_failing_caller_costs_redis_a_few_hundred_bytes() {
-    use oauth_apps_gateway::metrics::{Metrics, Registry};
-    use oauth_apps_gateway::shared::{Outcome, QuotaSpec, Store};
-
     const CALLERS: usize = 10_000;
     let redis = RedisServer::start();
-    let cfg = Config::from_toml_str(&shared(&redis, "1s")).expect("config");
-    let metrics = Metrics::new(Registry::new(), 10).expect("metrics");
-    let store = Arc::new(Store::new(cfg.shared.as_ref().unwrap(), metrics.shared_store()).unwrap());
-    assert!(store.probe().await, "Redis answers");
+    let store = store_on(&redis).await;
     let before = redis.info("used_memory");
-    let specs = [QuotaSpec {
-        period_us: 3_600_000_000,
-        burst: 10,
-    }; 3];
-    let mut tasks = Vec::new();
-    for t in 0..16 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in (t..CALLERS).step_by(16) {
-                let credential = format!("{i:032x}");
-                let address = format!("{:032x}", i + CALLERS);
-                let keys = store.quota_keys(&credential, &address);
-                store
-                    .settle(
-                        &keys,
-                        Outcome::Credential,
-                        true,
-                        &specs,
-                        "",
-                        Duration::from_secs(3600),
-                    )
-                    .await
-                    .expect("Redis answers");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task");
-    }
+    // A one-hour replenish: every key stays for the measurement.
+    let failed = charge_callers(&store, CALLERS, 16, 3_600_000_000, |i| {
+        (format!("{i:032x}"), format!("{:032x}", i + CALLERS))
+    })
+    .await;
+    assert_eq!(failed, 0, "Redis took every charge");
     let keys = redis.cli(&["DBSIZE"]).parse::<usize>().unwrap();
     let per_caller = (redis.info("used_memory") - before) / CALLERS as u64;
     eprintln!("{CALLERS} failing callers: {keys} keys, {per_caller} bytes of used_memory each");
